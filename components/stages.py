@@ -1,0 +1,300 @@
+"""The pipeline's stages: each reads its inputs from the workspace, calls a component, writes outputs.
+
+``dvc.yaml`` runs each of these through ``metarec stage NAME``; every stage opens its own MLflow run
+(nested under the training flow's run when the flow started it) and logs what a person needs to
+inspect it: the config, the data version, reports and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components import baselines, evaluate, fetch, ingest, kg, split, tracking
+from components.storage import atomic_dir, atomic_file, read_json, write_json
+from metarec.config import Config, load_config
+
+STAGES = ("fetch", "ingest", "build_kg", "split", "train", "evaluate")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage's outputs live inside a workspace (must match dvc.yaml)."""
+
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "data" / "processed"
+
+    @property
+    def graph(self) -> Path:
+        return self.root / "data" / "graph"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "data" / "split"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "models" / "current"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
+
+
+def _log_json(name: str, data: Any) -> None:
+    import mlflow
+
+    mlflow.log_dict(data, name)
+
+
+def _log_figure(fig: Any, name: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+def _run(paths: Paths, cfg: Config, stage: str) -> Any:
+    return tracking.stage_run(paths.root, stage, cfg.flat(), cfg.tracking.experiment, cfg.tracking.uri)
+
+
+def run_fetch(paths: Paths, cfg: Config) -> None:
+    """Materialise the raw dataset files into ``data/raw``."""
+    with _run(paths, cfg, "fetch"):
+        import mlflow
+
+        result = fetch.fetch(paths.raw, cfg.data.path, cfg.data.name)
+        mlflow.log_dict(result.files, "raw_files_sha256.json")
+        mlflow.log_param("data.source", cfg.data.path or f"pypi:recbole=={fetch.RECBOLE_VERSION}")
+
+
+def run_ingest(paths: Paths, cfg: Config) -> None:
+    """Validate the raw files and write Parquet tables plus the data report."""
+    with _run(paths, cfg, "ingest"):
+        import mlflow
+
+        report = ingest.ingest(paths.raw, cfg.data.name, paths.processed, cfg.data.duplicates)
+        _log_json("data_report.json", report)
+        mlflow.log_metrics({"data.n_users": report["n_users"], "data.n_items": report["n_items"],
+                            "data.n_interactions": report["n_interactions"], "data.density": report["density"],
+                            "data.n_triples": report["n_triples"]})
+        _log_figure(data_report_figure(paths.processed, report), "data_report.png")
+
+
+def data_report_figure(processed: Path, report: dict[str, Any]) -> Any:
+    """Histograms of interactions per user and per item, and triples per KG relation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inter = pd.read_parquet(processed / "interactions.parquet", columns=["user", "item"])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    axes[0].hist(inter.groupby("user").size(), bins=50, color="#f4a261")
+    axes[0].set(title="interactions per user", xlabel="interactions", ylabel="users", yscale="log")
+    axes[1].hist(inter.groupby("item").size(), bins=50, color="#2a9d8f")
+    axes[1].set(title="interactions per item", xlabel="interactions", ylabel="items", yscale="log")
+    rel = report["triples_per_relation"]
+    if rel:
+        names = sorted(rel, key=rel.get)  # type: ignore[arg-type]
+        axes[2].barh([n.split(".", 1)[-1] for n in names], [rel[n] for n in names], color="#264653")
+        axes[2].set(title="KG triples per relation", xscale="log")
+        axes[2].tick_params(axis="y", labelsize=7)
+    else:
+        axes[2].text(0.5, 0.5, "no knowledge graph", ha="center")
+        axes[2].axis("off")
+    fig.suptitle(f"{report['dataset']}: {report['n_users']:,} users, {report['n_items']:,} items, "
+                 f"{report['n_interactions']:,} interactions (density {report['density']:.4f})")
+    fig.tight_layout()
+    return fig
+
+
+def run_build_kg(paths: Paths, cfg: Config) -> None:
+    """Build and save the typed heterogeneous graph with its schema picture."""
+    with _run(paths, cfg, "build_kg"):
+        import mlflow
+
+        _, users, items, triples = ingest.read_processed(paths.processed)
+        graph, report = kg.build_graph(users, items, triples, cfg.kg.item_fields, cfg.kg.user_fields,
+                                       cfg.kg.age_buckets, cfg.kg.type_names)
+        kg.save_graph(graph, paths.graph, report)
+        mlflow.log_artifact(str(paths.graph / "schema.png"))
+        mlflow.log_artifact(str(paths.graph / "report.json"), artifact_path="graph")
+        mlflow.log_metrics({"graph.node_types": len(graph.node_ids), "graph.relations": len(graph.relations),
+                            "graph.edges": sum(int(r.matrix.nnz) for r in graph.relations.values())})
+
+
+def run_split(paths: Paths, cfg: Config) -> None:
+    """Split interactions into train/valid/test."""
+    with _run(paths, cfg, "split"):
+        import mlflow
+
+        inter, *_ = ingest.read_processed(paths.processed)
+        parts = split.split_interactions(inter, cfg.split)
+        split.save_split(parts, paths.split, {"protocol": cfg.split.protocol, "seed": cfg.seed})
+        stats = read_json(paths.split / "stats.json")
+        _log_json("split_stats.json", stats)
+        mlflow.log_metrics({f"split.{p}.interactions": stats[p]["interactions"] for p in split.PARTS})
+
+
+@dataclass
+class Loaded:
+    """Everything a model stage needs: indices, matrices and id tables."""
+
+    users: pd.DataFrame
+    items: pd.DataFrame
+    data: evaluate.EvalData
+
+
+def load_parts(paths: Paths) -> Loaded:
+    """Read the id tables and the split as binary matrices."""
+    users = pd.read_parquet(paths.processed / "users.parquet")
+    items = pd.read_parquet(paths.processed / "items.parquet")
+    parts = split.load_split(paths.split)
+    n_u, n_i = len(users), len(items)
+    data = evaluate.EvalData(*(split.to_matrix(parts.part(p), n_u, n_i) for p in split.PARTS))
+    return Loaded(users, items, data)
+
+
+def model_params(cfg: Config) -> dict[str, Any]:
+    """The constructor parameters of the configured model."""
+    name = cfg.model.name
+    sub = getattr(cfg.model, name, None)
+    return sub.model_dump() if sub is not None else {}
+
+
+def run_train(paths: Paths, cfg: Config) -> None:
+    """Fit the configured model on the training part and save it with its config."""
+    with _run(paths, cfg, "train"):
+        import mlflow
+
+        loaded = load_parts(paths)
+        params = model_params(cfg)
+        if cfg.model.name == "bpr":
+            params["on_epoch"] = lambda epoch, loss: mlflow.log_metric("train.loss", loss, step=epoch)
+        model = baselines.build_model(cfg.model.name, params, cfg.seed)
+        start = time.perf_counter()
+        model.fit(loaded.data.train)
+        mlflow.log_metric("train.seconds", time.perf_counter() - start)
+        with atomic_dir(paths.model) as tmp:
+            model.save(tmp)
+            write_json(tmp / "config.json", cfg.model_dump(mode="json"))
+        mlflow.log_artifacts(str(paths.model), artifact_path="model")
+
+
+def run_evaluate(paths: Paths, cfg: Config) -> dict[str, Any]:
+    """Evaluate the trained model on valid and test; write metrics.json and log everything."""
+    with _run(paths, cfg, "evaluate"):
+        import mlflow
+
+        loaded = load_parts(paths)
+        model = baselines.load_model(paths.model)
+        results = {part: evaluate.evaluate(model, loaded.data, part, cfg.eval.ks, cfg.eval.activity_buckets,
+                                           cfg.eval.block_size) for part in ("valid", "test")}
+        summary = {"model": cfg.model.name, "valid": results["valid"]["overall"], "test": results["test"]["overall"]}
+        write_json(paths.metrics, summary)
+        write_json(paths.evaluation, results)
+        for part, result in results.items():
+            mlflow.log_metrics({tracking.metric_name(k): v for k, v in evaluate.flat_metrics(result, part).items()
+                                if np.isfinite(v)})
+        _log_json("evaluation.json", results)
+        _log_figure(slice_figure(results["test"], cfg.eval.primary, cfg.model.name), "test_slices.png")
+        return summary
+
+
+def slice_figure(result: dict[str, Any], metric: str, model: str) -> Any:
+    """Bar chart of one metric overall and per slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["overall", *result["slices"]]
+    values = [result["overall"][metric], *(result["slices"][s].get(metric, np.nan) for s in result["slices"])]
+    users = [result["overall"]["n_users"], *(result["slices"][s]["n_users"] for s in result["slices"])]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bars = ax.bar(names, values, color=["#264653"] + ["#2a9d8f"] * (len(names) - 1))
+    for bar, n in zip(bars, users, strict=True):
+        ax.annotate(f"n={int(n)}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set(title=f"{model}: test {metric} by slice", ylabel=metric)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def recommend(paths: Paths, k: int, out: Path, user_ids: list[str] | None = None, block_size: int = 1024) -> int:
+    """Write top-k recommendations (original ids) for all or some users; return the number of rows.
+
+    Items the user interacted with in train or valid are excluded, as in test evaluation.
+    """
+    from components.ranking import PAD, topk_items
+
+    loaded = load_parts(paths)
+    model = baselines.load_model(paths.model)
+    n_items = len(loaded.items)
+    if not 1 <= k <= n_items:
+        raise ValueError(f"--k must be in 1..{n_items}, got {k}")
+    index = dict(zip(loaded.users.user_id.astype(str), loaded.users.user, strict=True))
+    if user_ids is None:
+        users = loaded.users.user.to_numpy()
+    else:
+        unknown = [u for u in user_ids if u not in index]
+        if unknown:
+            raise ValueError(f"unknown user ids: {', '.join(unknown[:10])}")
+        users = np.asarray([index[u] for u in user_ids])
+    exclude = loaded.data.exclusions("test")
+    item_ids = loaded.items.item_id.astype(str).to_numpy()
+    user_id_of = loaded.users.user_id.astype(str).to_numpy()
+    rows = 0
+    with atomic_file(out) as handle:
+        handle.write("user_id,item_id,rank,score\n")
+        for start in range(0, len(users), block_size):
+            block = users[start:start + block_size]
+            scores = model.score(block, history=loaded.data.train)
+            topk = topk_items(scores, k, exclude[block])
+            for r, user in enumerate(block):
+                for rank, item in enumerate(topk[r], start=1):
+                    if item == PAD:
+                        break
+                    handle.write(f"{user_id_of[user]},{item_ids[item]},{rank},{scores[r, item]:.6g}\n")
+                    rows += 1
+    return rows
+
+
+def run_stage(name: str, workspace: Path) -> None:
+    """Run one stage by name in a workspace (the entry point of ``metarec stage NAME``)."""
+    paths = Paths(Path(workspace).resolve())
+    cfg = load_config(paths.params)
+    runners = {"fetch": run_fetch, "ingest": run_ingest, "build_kg": run_build_kg, "split": run_split,
+               "train": run_train, "evaluate": run_evaluate}
+    if name not in runners:
+        raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+    runners[name](paths, cfg)
+
+
+def read_metrics(paths: Paths) -> dict[str, Any]:
+    """Read ``metrics.json`` written by the evaluate stage."""
+    return dict(json.loads(paths.metrics.read_text(encoding="utf-8")))

@@ -1,0 +1,5 @@
+"""``python -m metarec``."""
+
+from metarec.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The ``metarec`` command line: one command per job, every command scoped to a workspace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="metarec: knowledge-graph metapath + language-model recommender pipelines.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help="Workspace directory (default: $METAREC_WORKSPACE or ./workspace)."),
+]
+
+
+def _workspace(value: Path | None) -> Path:
+    from components.pipeline import default_workspace
+
+    return value.resolve() if value is not None else default_workspace()
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from components.evaluate import EvalData  # noqa: F401  (import check only)
+    from components.fetch import FetchError
+    from components.ingest import IngestError
+    from components.kg import GraphError
+    from components.pipeline import PipelineError
+    from components.split import SplitError
+    from metarec.config import ConfigError
+
+    return (ConfigError, FetchError, IngestError, GraphError, SplitError, PipelineError, ValueError,
+            FileNotFoundError)
+
+
+def metrics_table(metrics: dict[str, dict[str, float]], title: str) -> Table:
+    """Render valid/test metrics as a table, one row per metric."""
+    table = Table(title=title)
+    table.add_column("metric")
+    parts = [p for p in ("valid", "test") if p in metrics]
+    for part in parts:
+        table.add_column(part, justify="right")
+    names = [k for k in metrics[parts[0]] if k != "n_users"] + ["n_users"]
+    for name in names:
+        row = [metrics[p].get(name) for p in parts]
+        table.add_row(name, *(f"{v:.0f}" if name == "n_users" else f"{v:.4f}" for v in row if v is not None))
+    return table
+
+
+@app.command()
+def run(
+    workspace: WorkspaceOpt = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a parameter: key=value.")] = None,
+) -> None:
+    """Run the training flow end to end; print the MLflow run id and a metrics table."""
+    from flows.training import training
+
+    ws = _workspace(workspace)
+    try:
+        result = training(workspace=str(ws), overrides=list(set_ or []))
+    except _known_errors() as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"MLflow run id: [bold]{result['run_id']}[/]")
+    ran = [s["stage"] for s in result["stages"] if s["ran"]]
+    console.print(f"stages run: {', '.join(ran) or 'none (all up to date)'}")
+    metrics = {k: v for k, v in result["metrics"].items() if k in ("valid", "test")}
+    console.print(metrics_table(metrics, f"{result['metrics']['model']} — full ranking"))
+    console.print(f"metrics written to {ws / 'metrics.json'}")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="fetch | ingest | build_kg | split | train | evaluate")],
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Run one pipeline stage in a workspace (this is what dvc.yaml calls)."""
+    from components.stages import run_stage
+
+    try:
+        run_stage(name, _workspace(workspace))
+    except _known_errors() as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def recommend(
+    workspace: WorkspaceOpt = None,
+    all_users: Annotated[bool, typer.Option("--all-users", help="Recommend for every user.")] = False,
+    user: Annotated[list[str] | None, typer.Option("--user", "-u", help="A user id (repeatable).")] = None,
+    k: Annotated[int, typer.Option("--k", help="Items per user.")] = 10,
+    out: Annotated[Path, typer.Option("--out", help="CSV file: user_id,item_id,rank,score.")] = Path(
+        "recommendations.csv"),
+) -> None:
+    """Write top-k recommendations from the last trained model, excluding items seen in train/valid."""
+    from components.stages import Paths
+    from components.stages import recommend as write_recommendations
+
+    if all_users == bool(user):
+        raise _fail("give exactly one of --all-users or --user")
+    paths = Paths(_workspace(workspace))
+    if not (paths.model / "model.json").exists():
+        raise _fail(f"no trained model in {paths.model}; run `metarec run` first")
+    try:
+        rows = write_recommendations(paths, k, out, None if all_users else list(user or []))
+    except _known_errors() as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"wrote {rows} rows to {out}")
+
+
+@app.command()
+def ui(
+    workspace: WorkspaceOpt = None,
+    port: Annotated[int, typer.Option(help="Port to bind on 127.0.0.1.")] = 5000,
+) -> None:
+    """Start the MLflow UI on the workspace's store, bound to 127.0.0.1."""
+    from components.tracking import artifact_root, tracking_uri
+
+    ws = _workspace(workspace)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(ws),
+           "--default-artifact-root", artifact_root(ws), "--host", "127.0.0.1", "--port", str(port)]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {tracking_uri(ws)})")
+    raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    """Entry point for ``python -m metarec``."""
+    app()
