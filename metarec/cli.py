@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from rich.table import Table
 
 app = typer.Typer(help="metarec: knowledge-graph metapath + language-model recommender pipelines.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
+# Piped output (CI logs, make) gets a wide fixed width instead of rich's 80-column fallback.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 WorkspaceOpt = Annotated[
@@ -70,6 +72,8 @@ def run(
     from flows.training import training
 
     ws = _workspace(workspace)
+    # The local Prefect server would try to send telemetry; this machine has no route for it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         result = training(workspace=str(ws), overrides=list(set_ or []))
     except _known_errors() as exc:
@@ -119,6 +123,34 @@ def recommend(
     except _known_errors() as exc:
         raise _fail(str(exc)) from None
     console.print(f"wrote {rows} rows to {out}")
+
+
+@app.command()
+def leaderboard(
+    workspace: WorkspaceOpt = None,
+    last: Annotated[int, typer.Option(help="How many recent training runs to list.")] = 20,
+) -> None:
+    """List recent training runs of the workspace with their headline test metrics."""
+    import mlflow
+
+    from components.tracking import metric_name, tracking_uri
+
+    ws = _workspace(workspace)
+    if not (ws / "mlflow.db").exists():
+        raise _fail(f"no MLflow store in {ws}; run `metarec run` first")
+    mlflow.set_tracking_uri(tracking_uri(ws))
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`metarec.flow` = 'training'",
+                              max_results=last, order_by=["attributes.start_time DESC"], output_format="list")
+    names = ["ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr@10"]
+    table = Table(title=f"training runs in {ws} (test metrics, full ranking)")
+    for column in ("started", "model", "run id", *names):
+        table.add_column(column, justify="right" if "@" in column else "left", no_wrap=True)
+    for r in runs:  # type: ignore[union-attr]
+        started = datetime.fromtimestamp(r.info.start_time / 1000).strftime("%m-%d %H:%M")
+        values = [r.data.metrics.get(metric_name(f"test.{n}")) for n in names]
+        table.add_row(started, r.data.params.get("model.name", "?"), r.info.run_id[:8],
+                      *("—" if v is None else f"{v:.4f}" for v in values))
+    console.print(table)
 
 
 @app.command()
