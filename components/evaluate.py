@@ -55,8 +55,14 @@ def activity_labels(train: sp.csr_matrix, edges: list[int]) -> np.ndarray:
     return labels
 
 
-def evaluate(model: Recommender, data: EvalData, part: str, ks: list[int], activity_buckets: list[int],
-             block_size: int = 1024) -> dict[str, Any]:
+def evaluate(
+    model: Recommender,
+    data: EvalData,
+    part: str,
+    ks: list[int],
+    activity_buckets: list[int],
+    block_size: int = 1024,
+) -> dict[str, Any]:
     """Rank all items for every user with held-out items in ``part``; return overall and slice metrics.
 
     Slices: ``cold_items``/``warm_items`` restrict the held-out set to items without/with training

@@ -58,11 +58,24 @@ def download_recbole_wheel(cache: Path | None = None) -> Path:
     if wheel.exists() and sha256_file(wheel) == RECBOLE_WHEEL_SHA256:
         return wheel
     wheel.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", "-d", str(cache), f"recbole=={RECBOLE_VERSION}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(cache),
+        f"recbole=={RECBOLE_VERSION}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not wheel.exists():
-        raise FetchError(f"could not download recbole=={RECBOLE_VERSION} from PyPI:\n{proc.stderr.strip()[-2000:]}")
+        raise FetchError(
+            f"could not download recbole=={RECBOLE_VERSION} from PyPI:\n{proc.stderr.strip()[-2000:]}"
+        )
     digest = sha256_file(wheel)
     if digest != RECBOLE_WHEEL_SHA256:
         wheel.unlink(missing_ok=True)

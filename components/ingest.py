@@ -64,10 +64,13 @@ def _decode(path: Path) -> str:
     if not raw.strip():
         raise _fail(path, None, "file is empty; expected a header line `field:type<TAB>...` and rows")
     try:
-        return raw.decode("utf-8")
+        # utf-8-sig drops a leading byte-order mark, which would otherwise corrupt the first field name.
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise _fail(path, line, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+        raise _fail(
+            path, line, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def _parse_header(path: Path, header: str) -> tuple[list[str], dict[str, str]]:
@@ -76,9 +79,13 @@ def _parse_header(path: Path, header: str) -> tuple[list[str], dict[str, str]]:
     for column, spec in enumerate(header.split("\t"), start=1):
         name, sep, kind = spec.strip().partition(":")
         if not sep or not name:
-            raise _fail(path, 1, f"header column {column} {spec!r}: expected `name:type` with type in {FIELD_TYPES}")
+            raise _fail(
+                path, 1, f"header column {column} {spec!r}: expected `name:type` with type in {FIELD_TYPES}"
+            )
         if kind not in FIELD_TYPES:
-            raise _fail(path, 1, f"header field {name!r}: unknown type {kind!r}; expected one of {FIELD_TYPES}")
+            raise _fail(
+                path, 1, f"header field {name!r}: unknown type {kind!r}; expected one of {FIELD_TYPES}"
+            )
         if name in types:
             raise _fail(path, 1, f"header field {name!r} appears twice")
         fields.append(name)
@@ -95,7 +102,9 @@ def read_atomic(path: Path, kind: str) -> AtomicTable:
     fields, types = _parse_header(path, rows[0].rstrip("\r"))
     for name, kind_required in REQUIRED[kind].items():
         if name not in types:
-            raise _fail(path, 1, f"header lacks required field `{name}:{kind_required}` (has {', '.join(fields)})")
+            raise _fail(
+                path, 1, f"header lacks required field `{name}:{kind_required}` (has {', '.join(fields)})"
+            )
     for name, declared in types.items():
         expected = REQUIRED[kind].get(name) or (TYPED.get(name) if kind == "inter" else None)
         if expected and declared != expected:
@@ -112,7 +121,11 @@ def read_atomic(path: Path, kind: str) -> AtomicTable:
             raise _fail(path, number, "empty line; expected a data row")
         values = row.split("\t")
         if len(values) != width:
-            raise _fail(path, number, f"expected {width} tab-separated columns ({', '.join(fields)}), got {len(values)}")
+            raise _fail(
+                path,
+                number,
+                f"expected {width} tab-separated columns ({', '.join(fields)}), got {len(values)}",
+            )
         for name, value in zip(fields, values, strict=True):
             kind_of = types[name]
             if kind_of == "float":
@@ -127,6 +140,8 @@ def read_atomic(path: Path, kind: str) -> AtomicTable:
 
 def _parse_float(path: Path, line: int, name: str, value: str) -> float:
     try:
+        if "_" in value:  # float() accepts "1_000"; a data file should not
+            raise ValueError(value)
         number = float(value)
     except ValueError:
         raise _fail(path, line, f"field {name!r}: expected a float, got {value!r}") from None
@@ -139,7 +154,7 @@ def natural_order(ids: list[str] | set[str]) -> list[str]:
     """Sort ids numerically when they are all integers (1, 2, 10), else lexicographically."""
     unique = set(ids)
     try:
-        return sorted(unique, key=int)
+        return sorted(unique, key=lambda s: (int(s), s))  # ties ("1", "01") by text: deterministic
     except ValueError:
         return sorted(unique)
 
@@ -170,7 +185,7 @@ def _dedupe(frame: pd.DataFrame, policy: str, path_label: str) -> pd.DataFrame:
         )
     order = ["timestamp"] if "timestamp" in frame else []
     frame = frame.sort_values(order + ["_line"], kind="stable") if order else frame
-    return frame.drop_duplicates(["user_id", "item_id"], keep=policy)  # type: ignore[arg-type]
+    return frame.drop_duplicates(["user_id", "item_id"], keep=policy)
 
 
 def load_dataset(src: Path, name: str, duplicates: str = "error") -> Dataset:
@@ -182,7 +197,9 @@ def load_dataset(src: Path, name: str, duplicates: str = "error") -> Dataset:
         missing = [str(p) for p in split_files.values() if not p.exists()]
         raise IngestError(f"{src}: pre-split dataset is missing {', '.join(missing)}")
     if present and files["inter"].exists():
-        raise IngestError(f"{src}: both {files['inter'].name} and pre-split .train/.valid/.test.inter exist; keep one")
+        raise IngestError(
+            f"{src}: both {files['inter'].name} and pre-split .train/.valid/.test.inter exist; keep one"
+        )
     if not present and not files["inter"].exists():
         raise IngestError(f"{src}: required file {files['inter'].name} not found")
 
@@ -213,11 +230,18 @@ def load_dataset(src: Path, name: str, duplicates: str = "error") -> Dataset:
             unknown = ~inter[key].isin(set(meta[key]))
             if unknown.any():
                 bad = inter[unknown].iloc[0]
-                raise _fail(Path(bad["_file"]), int(bad["_line"]),
-                            f"{key} {bad[key]!r} is not listed in {files[label].name}")
+                raise _fail(
+                    Path(bad["_file"]),
+                    int(bad["_line"]),
+                    f"{key} {bad[key]!r} is not listed in {files[label].name}",
+                )
 
-    item_ids = natural_order(set(inter.item_id) | (set(item_meta.item_id) if item_meta is not None else set()))
-    user_ids = natural_order(set(inter.user_id) | (set(user_meta.user_id) if user_meta is not None else set()))
+    item_ids = natural_order(
+        set(inter.item_id) | (set(item_meta.item_id) if item_meta is not None else set())
+    )
+    user_ids = natural_order(
+        set(inter.user_id) | (set(user_meta.user_id) if user_meta is not None else set())
+    )
     items = pd.DataFrame({"item": np.arange(len(item_ids), dtype=np.int32), "item_id": item_ids})
     users = pd.DataFrame({"user": np.arange(len(user_ids), dtype=np.int32), "user_id": user_ids})
     if item_meta is not None:
@@ -232,22 +256,29 @@ def load_dataset(src: Path, name: str, duplicates: str = "error") -> Dataset:
         known, seen = set(item_ids), set()
         for item_id, line in zip(link.item_id, link_table.lines, strict=True):
             if item_id not in known:
-                raise _fail(files["link"], line, f"item_id {item_id!r} is not a known item (not in .inter or .item)")
+                raise _fail(
+                    files["link"], line, f"item_id {item_id!r} is not a known item (not in .inter or .item)"
+                )
             if item_id in seen:
                 raise _fail(files["link"], line, f"item_id {item_id!r} is linked twice")
             seen.add(item_id)
         items["entity_id"] = items.item_id.map(dict(zip(link.item_id, link.entity_id, strict=True)))
-    kg = read_atomic(files["kg"], "kg").frame() if files["kg"].exists() else pd.DataFrame(
-        {"head_id": [], "relation_id": [], "tail_id": []}, dtype=str)
+    kg = (
+        read_atomic(files["kg"], "kg").frame()
+        if files["kg"].exists()
+        else pd.DataFrame({"head_id": [], "relation_id": [], "tail_id": []}, dtype=str)
+    )
 
     user_index = dict(zip(users.user_id, users.user, strict=True))
     item_index = dict(zip(items.item_id, items.item, strict=True))
-    out = pd.DataFrame({
-        "user": inter.user_id.map(user_index).astype(np.int32),
-        "item": inter.item_id.map(item_index).astype(np.int32),
-        "rating": inter["rating"].astype(np.float64) if "rating" in inter else 1.0,
-        "timestamp": inter["timestamp"].astype(np.float64) if "timestamp" in inter else np.nan,
-    })
+    out = pd.DataFrame(
+        {
+            "user": inter.user_id.map(user_index).astype(np.int32),
+            "item": inter.item_id.map(item_index).astype(np.int32),
+            "rating": inter["rating"].astype(np.float64) if "rating" in inter else 1.0,
+            "timestamp": inter["timestamp"].astype(np.float64) if "timestamp" in inter else np.nan,
+        }
+    )
     if "part" in inter:
         out["part"] = inter["part"].to_numpy()
     out = out.reset_index(drop=True)
@@ -255,15 +286,21 @@ def load_dataset(src: Path, name: str, duplicates: str = "error") -> Dataset:
     return Dataset(out, users, items, kg, report)
 
 
-def data_report(name: str, inter: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
-                kg: pd.DataFrame) -> dict[str, Any]:
+def data_report(
+    name: str, inter: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, kg: pd.DataFrame
+) -> dict[str, Any]:
     """Summarise the dataset: sizes, density, activity distributions, KG triples per relation."""
     per_user = inter.groupby("user").size().reindex(users.user, fill_value=0)
     per_item = inter.groupby("item").size().reindex(items.item, fill_value=0)
 
     def dist(series: pd.Series) -> dict[str, float]:
-        return {"min": float(series.min()), "median": float(series.median()), "mean": float(series.mean()),
-                "p90": float(series.quantile(0.9)), "max": float(series.max())}
+        return {
+            "min": float(series.min()),
+            "median": float(series.median()),
+            "mean": float(series.mean()),
+            "p90": float(series.quantile(0.9)),
+            "max": float(series.max()),
+        }
 
     n_u, n_i, n = len(users), len(items), len(inter)
     return {
@@ -278,7 +315,9 @@ def data_report(name: str, inter: pd.DataFrame, users: pd.DataFrame, items: pd.D
         "users_without_interactions": int((per_user == 0).sum()),
         "n_linked_items": int(items.entity_id.notna().sum()),
         "n_triples": len(kg),
-        "triples_per_relation": {str(k): int(v) for k, v in kg.relation_id.value_counts().sort_index().items()},
+        "triples_per_relation": {
+            str(k): int(v) for k, v in kg.relation_id.value_counts().sort_index().items()
+        },
         "has_timestamp": bool(inter.timestamp.notna().all()),
         "presplit": "part" in inter,
     }
@@ -296,7 +335,7 @@ def write_dataset(dataset: Dataset, dest: Path) -> None:
 
 def read_processed(src: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Read (interactions, users, items, kg) written by :func:`write_dataset`."""
-    return tuple(pd.read_parquet(src / f"{n}.parquet") for n in ("interactions", "users", "items", "kg"))  # type: ignore[return-value]
+    return tuple(pd.read_parquet(src / f"{n}.parquet") for n in ("interactions", "users", "items", "kg"))
 
 
 def ingest(raw: Path, name: str, dest: Path, duplicates: str = "error") -> dict[str, Any]:

@@ -70,8 +70,10 @@ class HeteroGraph:
         """Counts of nodes per type and edges per relation."""
         return {
             "node_types": {t: len(ids) for t, ids in self.node_ids.items()},
-            "relations": {r.name: {"src": r.src, "dst": r.dst, "edges": int(r.matrix.nnz), "source": r.source}
-                          for r in self.relations.values()},
+            "relations": {
+                r.name: {"src": r.src, "dst": r.dst, "edges": int(r.matrix.nnz), "source": r.source}
+                for r in self.relations.values()
+            },
         }
 
 
@@ -88,16 +90,25 @@ def _segment(relation_id: str, position: int) -> str:
     return parts[position] if len(parts) >= -position else relation_id
 
 
-def _add_attribute(graph: HeteroGraph, table: pd.DataFrame, key: str, column: str, type_name: str,
-                   src_type: str, split_tokens: bool) -> None:
+def _add_attribute(
+    graph: HeteroGraph,
+    table: pd.DataFrame,
+    key: str,
+    column: str,
+    type_name: str,
+    src_type: str,
+    split_tokens: bool,
+) -> None:
     if column not in table:
-        raise GraphError(f"kg: {src_type} attribute column {column!r} not in the {src_type} table "
-                         f"(columns: {', '.join(map(str, table.columns))})")
+        raise GraphError(
+            f"kg: {src_type} attribute column {column!r} not in the {src_type} table "
+            f"(columns: {', '.join(map(str, table.columns))})"
+        )
     rows, values = [], []
     for index, raw in zip(table[key], table[column], strict=True):
         if raw is None or (isinstance(raw, float) and np.isnan(raw)):
             continue
-        for token in (str(raw).split() if split_tokens else [str(raw).strip()]):
+        for token in str(raw).split() if split_tokens else [str(raw).strip()]:
             if token:
                 rows.append(int(index))
                 values.append(token)
@@ -107,8 +118,11 @@ def _add_attribute(graph: HeteroGraph, table: pd.DataFrame, key: str, column: st
     position = {v: i for i, v in enumerate(ids)}
     graph.node_ids[type_name] = ids
     name = f"{src_type}.{type_name}"
-    matrix = _csr(np.asarray(rows, dtype=np.int64), np.asarray([position[v] for v in values], dtype=np.int64),
-                  (len(table), len(ids)))
+    matrix = _csr(
+        np.asarray(rows, dtype=np.int64),
+        np.asarray([position[v] for v in values], dtype=np.int64),
+        (len(table), len(ids)),
+    )
     graph.relations[name] = Relation(name, src_type, type_name, matrix, [column])
 
 
@@ -123,17 +137,24 @@ def age_bucket(age: str, edges: list[int]) -> str:
     return f"{lower}+"
 
 
-def build_graph(users: pd.DataFrame, items: pd.DataFrame, kg: pd.DataFrame, item_fields: dict[str, str],
-                user_fields: dict[str, str], age_buckets: list[int],
-                type_names: dict[str, str] | None = None) -> tuple[HeteroGraph, dict[str, Any]]:
+def build_graph(
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    kg: pd.DataFrame,
+    item_fields: dict[str, str],
+    user_fields: dict[str, str],
+    age_buckets: list[int],
+    type_names: dict[str, str] | None = None,
+) -> tuple[HeteroGraph, dict[str, Any]]:
     """Build the typed graph from processed tables; return it with a build report."""
     if users.empty or items.empty:
         raise GraphError("kg: cannot build a graph without users and items")
     type_names = type_names or {}
     graph = HeteroGraph(node_ids={"user": list(users.user_id), "item": list(items.item_id)}, relations={})
     # user->item instances come from the training split; the empty placeholder keeps the schema whole.
-    graph.relations[INTERACTED] = Relation(INTERACTED, "user", "item",
-                                           sp.csr_matrix((len(users), len(items)), dtype=np.float32), ["inter"])
+    graph.relations[INTERACTED] = Relation(
+        INTERACTED, "user", "item", sp.csr_matrix((len(users), len(items)), dtype=np.float32), ["inter"]
+    )
 
     users = users.copy()
     for column, type_name in user_fields.items():
@@ -150,8 +171,12 @@ def build_graph(users: pd.DataFrame, items: pd.DataFrame, kg: pd.DataFrame, item
     return graph, report
 
 
-def _add_kg(graph: HeteroGraph, items: pd.DataFrame, kg: pd.DataFrame, type_names: dict[str, str]) -> dict[str, Any]:
-    entity_to_item = {e: int(i) for e, i in zip(items.entity_id, items.item, strict=True) if isinstance(e, str)}
+def _add_kg(
+    graph: HeteroGraph, items: pd.DataFrame, kg: pd.DataFrame, type_names: dict[str, str]
+) -> dict[str, Any]:
+    entity_to_item = {
+        e: int(i) for e, i in zip(items.entity_id, items.item, strict=True) if isinstance(e, str)
+    }
     n_items = len(items)
     heads = kg.head_id.map(entity_to_item)
     tails = kg.tail_id.map(entity_to_item)
@@ -204,10 +229,18 @@ def _add_kg(graph: HeteroGraph, items: pd.DataFrame, kg: pd.DataFrame, type_name
         rows = np.fromiter((i for i, _ in edge_set), dtype=np.int64, count=len(edge_set))
         cols = np.fromiter((position[e] for _, e in edge_set), dtype=np.int64, count=len(edge_set))
         graph.node_ids[type_name] = ids
-        graph.relations[canonical] = Relation(canonical, "item", type_name, _csr(rows, cols, (n_items, len(ids))),
-                                              sorted(members))
-        merged.append({"relation": canonical, "entity_type": type_name, "merged": sorted(members),
-                       "edges": len(edge_set), "entities": len(ids)})
+        graph.relations[canonical] = Relation(
+            canonical, "item", type_name, _csr(rows, cols, (n_items, len(ids))), sorted(members)
+        )
+        merged.append(
+            {
+                "relation": canonical,
+                "entity_type": type_name,
+                "merged": sorted(members),
+                "edges": len(edge_set),
+                "entities": len(ids),
+            }
+        )
 
     # Item-item relations (sequel/prequel): drop one that is exactly the reverse of another.
     kept: dict[str, sp.csr_matrix] = {}
@@ -230,6 +263,8 @@ def with_interactions(graph: HeteroGraph, train: sp.csr_matrix) -> HeteroGraph:
         raise GraphError(f"interactions matrix has shape {train.shape}; the graph expects {expected}")
     relations = dict(graph.relations)
     binary = train.tocsr().astype(np.float32)
+    binary.sum_duplicates()
+    binary.eliminate_zeros()  # a stored zero is not an interaction
     binary.data[:] = 1.0
     relations[INTERACTED] = Relation(INTERACTED, "user", "item", binary, ["train split"])
     return HeteroGraph(graph.node_ids, relations)
@@ -243,11 +278,25 @@ def save_graph(graph: HeteroGraph, dest: Path, report: dict[str, Any] | None = N
         for k, rel in enumerate(graph.relations.values()):
             m = rel.matrix.tocsr()
             arrays[f"r{k}_indptr"], arrays[f"r{k}_indices"] = m.indptr, m.indices
-            meta.append({"name": rel.name, "src": rel.src, "dst": rel.dst, "shape": list(m.shape),
-                         "source": rel.source, "key": f"r{k}"})
-        np.savez_compressed(tmp / "relations.npz", **arrays)
-        write_json(tmp / "graph.json", {"node_ids": graph.node_ids, "relations": meta,
-                                        "schema": nx.node_link_data(graph.schema, edges="edges")})
+            meta.append(
+                {
+                    "name": rel.name,
+                    "src": rel.src,
+                    "dst": rel.dst,
+                    "shape": list(m.shape),
+                    "source": rel.source,
+                    "key": f"r{k}",
+                }
+            )
+        np.savez_compressed(tmp / "relations.npz", **arrays)  # type: ignore[arg-type]
+        write_json(
+            tmp / "graph.json",
+            {
+                "node_ids": graph.node_ids,
+                "relations": meta,
+                "schema": nx.node_link_data(graph.schema, edges="edges"),
+            },
+        )
         write_json(tmp / "report.json", {**graph.summary(), **(report or {})})
         draw_schema(graph, tmp / "schema.png")
 
@@ -290,11 +339,14 @@ def draw_schema(graph: HeteroGraph, path: Path) -> None:
     colors = ["#f4a261" if n == "user" else "#2a9d8f" if n == "item" else "#e9ecef" for n in schema.nodes]
     nx.draw_networkx_nodes(schema, pos, node_color=colors, node_size=2200, edgecolors="#333", ax=ax)
     nx.draw_networkx_labels(schema, pos, labels=labels, font_size=8, ax=ax)
-    nx.draw_networkx_edges(schema, pos, arrows=True, arrowsize=12, node_size=2200, ax=ax,
-                           connectionstyle="arc3,rad=0.15")
+    nx.draw_networkx_edges(
+        schema, pos, arrows=True, arrowsize=12, node_size=2200, ax=ax, connectionstyle="arc3,rad=0.15"
+    )
     edge_labels = {(u, v): d["label"] for u, v, d in schema.edges(data=True) if d["label"]}
     nx.draw_networkx_edge_labels(schema, pos, edge_labels=edge_labels, font_size=7, ax=ax)
-    ax.set_title("metarec graph schema: node types (instance counts); every relation is also traversed reversed")
+    ax.set_title(
+        "metarec graph schema: node types (instance counts); every relation is also traversed reversed"
+    )
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -47,8 +47,13 @@ def _stage_env(parent_run_id: str | None = None) -> dict[str, str]:
 
 
 def _dvc(workspace: Path, *args: str, parent_run_id: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, capture_output=True, text=True,
-                          env=_stage_env(parent_run_id))
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        env=_stage_env(parent_run_id),
+    )
 
 
 def prepare_workspace(workspace: Path, overrides: list[str] | None = None) -> Config:

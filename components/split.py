@@ -69,20 +69,23 @@ def assign_parts(inter: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
     elif protocol == "leave_last_out":
         ordered, rank, size = _per_user_order(inter)
         from_end = size - rank  # 1 for the last interaction
-        part = np.where((from_end == 1) & (size >= 2), "test",
-                        np.where((from_end == 2) & (size >= 3), "valid", "train"))
+        part = np.where(
+            (from_end == 1) & (size >= 2), "test", np.where((from_end == 2) & (size >= 3), "valid", "train")
+        )
         labels[inter.index.get_indexer(ordered.index)] = part
     elif protocol == "global_temporal":
         if cfg.valid_start is not None and cfg.test_start is not None:
             t = inter.timestamp.to_numpy()
-            labels[:] = np.where(t >= cfg.test_start, "test", np.where(t >= cfg.valid_start, "valid", "train"))
+            labels[:] = np.where(
+                t >= cfg.test_start, "test", np.where(t >= cfg.valid_start, "valid", "train")
+            )
         else:
             ordered = inter.sort_values(["timestamp", "user", "item"], kind="stable")
             n = len(ordered)
-            n_train = int(np.floor(n * cfg.train_ratio + _EPS))
-            n_valid = int(np.floor(n * cfg.valid_ratio + _EPS))
+            cut_valid = int(np.floor(n * cfg.train_ratio + _EPS))
+            cut_test = cut_valid + int(np.floor(n * cfg.valid_ratio + _EPS))
             position = np.arange(n)
-            part = np.where(position < n_train, "train", np.where(position < n_train + n_valid, "valid", "test"))
+            part = np.where(position < cut_valid, "train", np.where(position < cut_test, "valid", "test"))
             labels[inter.index.get_indexer(ordered.index)] = part
     else:  # pragma: no cover - the config type rules this out
         raise SplitError(f"unknown split.protocol {protocol!r}")
@@ -107,8 +110,11 @@ def split_stats(split: Split) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     for name in PARTS:
         frame = split.part(name)
-        stats[name] = {"interactions": len(frame), "users": int(frame.user.nunique()),
-                       "items": int(frame.item.nunique())}
+        stats[name] = {
+            "interactions": len(frame),
+            "users": int(frame.user.nunique()),
+            "items": int(frame.item.nunique()),
+        }
     train_items = set(split.train.item)
     stats["test_items_unseen_in_train"] = int((~split.test.item.isin(train_items)).sum())
     return stats

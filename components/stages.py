@@ -97,9 +97,15 @@ def run_ingest(paths: Paths, cfg: Config) -> None:
 
         report = ingest.ingest(paths.raw, cfg.data.name, paths.processed, cfg.data.duplicates)
         _log_json("data_report.json", report)
-        mlflow.log_metrics({"data.n_users": report["n_users"], "data.n_items": report["n_items"],
-                            "data.n_interactions": report["n_interactions"], "data.density": report["density"],
-                            "data.n_triples": report["n_triples"]})
+        mlflow.log_metrics(
+            {
+                "data.n_users": report["n_users"],
+                "data.n_items": report["n_items"],
+                "data.n_interactions": report["n_interactions"],
+                "data.density": report["density"],
+                "data.n_triples": report["n_triples"],
+            }
+        )
         _log_figure(data_report_figure(paths.processed, report), "data_report.png")
 
 
@@ -118,15 +124,17 @@ def data_report_figure(processed: Path, report: dict[str, Any]) -> Any:
     axes[1].set(title="interactions per item", xlabel="interactions", ylabel="items", yscale="log")
     rel = report["triples_per_relation"]
     if rel:
-        names = sorted(rel, key=rel.get)  # type: ignore[arg-type]
+        names = sorted(rel, key=rel.get)
         axes[2].barh([n.split(".", 1)[-1] for n in names], [rel[n] for n in names], color="#264653")
         axes[2].set(title="KG triples per relation", xscale="log")
         axes[2].tick_params(axis="y", labelsize=7)
     else:
         axes[2].text(0.5, 0.5, "no knowledge graph", ha="center")
         axes[2].axis("off")
-    fig.suptitle(f"{report['dataset']}: {report['n_users']:,} users, {report['n_items']:,} items, "
-                 f"{report['n_interactions']:,} interactions (density {report['density']:.4f})")
+    fig.suptitle(
+        f"{report['dataset']}: {report['n_users']:,} users, {report['n_items']:,} items, "
+        f"{report['n_interactions']:,} interactions (density {report['density']:.4f})"
+    )
     fig.tight_layout()
     return fig
 
@@ -137,13 +145,25 @@ def run_build_kg(paths: Paths, cfg: Config) -> None:
         import mlflow
 
         _, users, items, triples = ingest.read_processed(paths.processed)
-        graph, report = kg.build_graph(users, items, triples, cfg.kg.item_fields, cfg.kg.user_fields,
-                                       cfg.kg.age_buckets, cfg.kg.type_names)
+        graph, report = kg.build_graph(
+            users,
+            items,
+            triples,
+            cfg.kg.item_fields,
+            cfg.kg.user_fields,
+            cfg.kg.age_buckets,
+            cfg.kg.type_names,
+        )
         kg.save_graph(graph, paths.graph, report)
         mlflow.log_artifact(str(paths.graph / "schema.png"))
         mlflow.log_artifact(str(paths.graph / "report.json"), artifact_path="graph")
-        mlflow.log_metrics({"graph.node_types": len(graph.node_ids), "graph.relations": len(graph.relations),
-                            "graph.edges": sum(int(r.matrix.nnz) for r in graph.relations.values())})
+        mlflow.log_metrics(
+            {
+                "graph.node_types": len(graph.node_ids),
+                "graph.relations": len(graph.relations),
+                "graph.edges": sum(int(r.matrix.nnz) for r in graph.relations.values()),
+            }
+        )
 
 
 def run_split(paths: Paths, cfg: Config) -> None:
@@ -211,14 +231,27 @@ def run_evaluate(paths: Paths, cfg: Config) -> dict[str, Any]:
 
         loaded = load_parts(paths)
         model = baselines.load_model(paths.model)
-        results = {part: evaluate.evaluate(model, loaded.data, part, cfg.eval.ks, cfg.eval.activity_buckets,
-                                           cfg.eval.block_size) for part in ("valid", "test")}
-        summary = {"model": cfg.model.name, "valid": results["valid"]["overall"], "test": results["test"]["overall"]}
+        results = {
+            part: evaluate.evaluate(
+                model, loaded.data, part, cfg.eval.ks, cfg.eval.activity_buckets, cfg.eval.block_size
+            )
+            for part in ("valid", "test")
+        }
+        summary = {
+            "model": cfg.model.name,
+            "valid": results["valid"]["overall"],
+            "test": results["test"]["overall"],
+        }
         write_json(paths.metrics, summary)
         write_json(paths.evaluation, results)
         for part, result in results.items():
-            mlflow.log_metrics({tracking.metric_name(k): v for k, v in evaluate.flat_metrics(result, part).items()
-                                if np.isfinite(v)})
+            mlflow.log_metrics(
+                {
+                    tracking.metric_name(k): v
+                    for k, v in evaluate.flat_metrics(result, part).items()
+                    if np.isfinite(v)
+                }
+            )
         _log_json("evaluation.json", results)
         _log_figure(slice_figure(results["test"], cfg.eval.primary, cfg.model.name), "test_slices.png")
         return summary
@@ -237,15 +270,22 @@ def slice_figure(result: dict[str, Any], metric: str, model: str) -> Any:
     fig, ax = plt.subplots(figsize=(9, 4))
     bars = ax.bar(names, values, color=["#264653"] + ["#2a9d8f"] * (len(names) - 1))
     for bar, n in zip(bars, users, strict=True):
-        ax.annotate(f"n={int(n)}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                    va="bottom", fontsize=8)
+        ax.annotate(
+            f"n={int(n)}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set(title=f"{model}: test {metric} by slice", ylabel=metric)
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
     return fig
 
 
-def recommend(paths: Paths, k: int, out: Path, user_ids: list[str] | None = None, block_size: int = 1024) -> int:
+def recommend(
+    paths: Paths, k: int, out: Path, user_ids: list[str] | None = None, block_size: int = 1024
+) -> int:
     """Write top-k recommendations (original ids) for all or some users; return the number of rows.
 
     Items the user interacted with in train or valid are excluded, as in test evaluation.
@@ -272,7 +312,7 @@ def recommend(paths: Paths, k: int, out: Path, user_ids: list[str] | None = None
     with atomic_file(out) as handle:
         handle.write("user_id,item_id,rank,score\n")
         for start in range(0, len(users), block_size):
-            block = users[start:start + block_size]
+            block = users[start : start + block_size]
             scores = model.score(block, history=loaded.data.train)
             topk = topk_items(scores, k, exclude[block])
             for r, user in enumerate(block):
@@ -288,8 +328,14 @@ def run_stage(name: str, workspace: Path) -> None:
     """Run one stage by name in a workspace (the entry point of ``metarec stage NAME``)."""
     paths = Paths(Path(workspace).resolve())
     cfg = load_config(paths.params)
-    runners = {"fetch": run_fetch, "ingest": run_ingest, "build_kg": run_build_kg, "split": run_split,
-               "train": run_train, "evaluate": run_evaluate}
+    runners = {
+        "fetch": run_fetch,
+        "ingest": run_ingest,
+        "build_kg": run_build_kg,
+        "split": run_split,
+        "train": run_train,
+        "evaluate": run_evaluate,
+    }
     if name not in runners:
         raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
     runners[name](paths, cfg)

@@ -45,10 +45,15 @@ def setup(workspace: Path, experiment: str, configured_uri: str = "") -> str:
 def git_commit() -> str:
     """The code's git commit, suffixed ``-dirty`` when the tree has uncommitted changes."""
     try:
-        sha = subprocess.run(["git", "-C", str(CODE_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(CODE_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(CODE_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(CODE_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
@@ -81,8 +86,9 @@ def metric_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(workspace: Path, stage: str, flat_config: dict[str, Any], experiment: str,
-              uri: str = "") -> Iterator[Any]:
+def stage_run(
+    workspace: Path, stage: str, flat_config: dict[str, Any], experiment: str, uri: str = ""
+) -> Iterator[Any]:
     """Open the MLflow run of one pipeline stage, nested under the flow's run when there is one."""
     import mlflow
 
@@ -90,15 +96,26 @@ def stage_run(workspace: Path, stage: str, flat_config: dict[str, Any], experime
     parent = os.environ.get(PARENT_ENV) or None
     tags = {"metarec.stage": stage, "metarec.git_commit": git_commit()}
     tags.update({f"metarec.data_version.{path}": md5 for path, md5 in data_version(workspace).items()})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
-                          nested=parent is not None, tags=tags) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=stage,
+        parent_run_id=parent,
+        nested=parent is not None,
+        tags=tags,
+    ) as run:
         log_config(flat_config)
         yield run
 
 
 @contextlib.contextmanager
-def parent_run(workspace: Path, run_name: str, flat_config: dict[str, Any], experiment: str, uri: str = "",
-               tags: dict[str, str] | None = None) -> Iterator[Any]:
+def parent_run(
+    workspace: Path,
+    run_name: str,
+    flat_config: dict[str, Any],
+    experiment: str,
+    uri: str = "",
+    tags: dict[str, str] | None = None,
+) -> Iterator[Any]:
     """Open the flow-level MLflow run that every stage's run nests under."""
     import mlflow
 
@@ -127,7 +144,11 @@ def log_run_summary(workspace: Path, metrics: dict[str, Any], outcomes: list[dic
     log_data_version(workspace)
     # The stage runs hold these too, but a stage DVC skipped has no run this time: keep the parent
     # run self-explanatory either way.
-    for path, folder in (("data/processed/report.json", "data"), ("data/graph/schema.png", "graph"),
-                         ("data/split/stats.json", "data"), ("evaluation.json", "evaluation")):
+    for path, folder in (
+        ("data/processed/report.json", "data"),
+        ("data/graph/schema.png", "graph"),
+        ("data/split/stats.json", "data"),
+        ("evaluation.json", "evaluation"),
+    ):
         if (Path(workspace) / path).exists():
             mlflow.log_artifact(str(Path(workspace) / path), artifact_path=folder)

@@ -39,8 +39,14 @@ def training(workspace: str, overrides: list[str] | None = None) -> dict[str, An
 
     cfg = Config.model_validate(prepare(workspace, overrides or []))
     root = Path(workspace)
-    with tracking.parent_run(root, "training", cfg.flat(), cfg.tracking.experiment, cfg.tracking.uri,
-                             tags={"metarec.model": cfg.model.name}) as run:
+    with tracking.parent_run(
+        root,
+        "training",
+        cfg.flat(),
+        cfg.tracking.experiment,
+        cfg.tracking.uri,
+        tags={"metarec.model": cfg.model.name},
+    ) as run:
         outcomes = []
         for stage in STAGES:
             runner = fetch_stage if stage == "fetch" else run_stage

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -13,15 +13,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="metarec: knowledge-graph metapath + language-model recommender pipelines.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="metarec: knowledge-graph metapath + language-model recommender pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 # Piped output (CI logs, make) gets a wide fixed width instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 WorkspaceOpt = Annotated[
     Path | None,
-    typer.Option("--workspace", "-w", help="Workspace directory (default: $METAREC_WORKSPACE or ./workspace)."),
+    typer.Option(
+        "--workspace", "-w", help="Workspace directory (default: $METAREC_WORKSPACE or ./workspace)."
+    ),
 ]
 
 
@@ -45,8 +51,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from components.split import SplitError
     from metarec.config import ConfigError
 
-    return (ConfigError, FetchError, IngestError, GraphError, SplitError, PipelineError, ValueError,
-            FileNotFoundError)
+    return (
+        ConfigError,
+        FetchError,
+        IngestError,
+        GraphError,
+        SplitError,
+        PipelineError,
+        ValueError,
+        FileNotFoundError,
+    )
 
 
 def metrics_table(metrics: dict[str, dict[str, float]], title: str) -> Table:
@@ -66,7 +80,9 @@ def metrics_table(metrics: dict[str, dict[str, float]], title: str) -> Table:
 @app.command()
 def run(
     workspace: WorkspaceOpt = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a parameter: key=value.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-S", help="Override a parameter: key=value.")
+    ] = None,
 ) -> None:
     """Run the training flow end to end; print the MLflow run id and a metrics table."""
     from flows.training import training
@@ -107,7 +123,8 @@ def recommend(
     user: Annotated[list[str] | None, typer.Option("--user", "-u", help="A user id (repeatable).")] = None,
     k: Annotated[int, typer.Option("--k", help="Items per user.")] = 10,
     out: Annotated[Path, typer.Option("--out", help="CSV file: user_id,item_id,rank,score.")] = Path(
-        "recommendations.csv"),
+        "recommendations.csv"
+    ),
 ) -> None:
     """Write top-k recommendations from the last trained model, excluding items seen in train/valid."""
     from components.stages import Paths
@@ -139,17 +156,26 @@ def leaderboard(
     if not (ws / "mlflow.db").exists():
         raise _fail(f"no MLflow store in {ws}; run `metarec run` first")
     mlflow.set_tracking_uri(tracking_uri(ws))
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`metarec.flow` = 'training'",
-                              max_results=last, order_by=["attributes.start_time DESC"], output_format="list")
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`metarec.flow` = 'training'",
+        max_results=last,
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
     names = ["ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr@10"]
     table = Table(title=f"training runs in {ws} (test metrics, full ranking)")
     for column in ("started", "model", "run id", *names):
         table.add_column(column, justify="right" if "@" in column else "left", no_wrap=True)
-    for r in runs:  # type: ignore[union-attr]
+    for r in runs:
         started = datetime.fromtimestamp(r.info.start_time / 1000).strftime("%m-%d %H:%M")
         values = [r.data.metrics.get(metric_name(f"test.{n}")) for n in names]
-        table.add_row(started, r.data.params.get("model.name", "?"), r.info.run_id[:8],
-                      *("—" if v is None else f"{v:.4f}" for v in values))
+        table.add_row(
+            started,
+            r.data.params.get("model.name", "?"),
+            r.info.run_id[:8],
+            *("—" if v is None else f"{v:.4f}" for v in values),
+        )
     console.print(table)
 
 
@@ -162,8 +188,20 @@ def ui(
     from components.tracking import artifact_root, tracking_uri
 
     ws = _workspace(workspace)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(ws),
-           "--default-artifact-root", artifact_root(ws), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri(ws),
+        "--default-artifact-root",
+        artifact_root(ws),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (store {tracking_uri(ws)})")
     raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
 

@@ -52,8 +52,8 @@ class SplitConfig(_Strict):
 
     protocol: Literal["user_temporal", "global_temporal", "leave_last_out", "given"] = "user_temporal"
     # Fractions for user_temporal (per user) and for global_temporal when no cut-offs are given.
-    train_ratio: float = Field(0.8, gt=0, lt=1)
-    valid_ratio: float = Field(0.1, ge=0, lt=1)
+    train_ratio: float = Field(default=0.8, gt=0, lt=1)
+    valid_ratio: float = Field(default=0.1, ge=0, lt=1)
     # global_temporal: interactions with timestamp >= valid_start go to valid, >= test_start to test.
     valid_start: float | None = None
     test_start: float | None = None
@@ -61,10 +61,16 @@ class SplitConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
         if self.train_ratio + self.valid_ratio >= 1:
-            raise ValueError("split.train_ratio + split.valid_ratio must be < 1 so the test part is not empty")
+            raise ValueError(
+                "split.train_ratio + split.valid_ratio must be < 1 so the test part is not empty"
+            )
         if (self.valid_start is None) != (self.test_start is None):
             raise ValueError("split.valid_start and split.test_start must be given together")
-        if self.valid_start is not None and self.test_start is not None and self.valid_start > self.test_start:
+        if (
+            self.valid_start is not None
+            and self.test_start is not None
+            and self.valid_start > self.test_start
+        ):
             raise ValueError("split.valid_start must be <= split.test_start")
         return self
 
@@ -79,11 +85,11 @@ class ItemKNNConfig(_Strict):
 class BPRConfig(_Strict):
     """BPR-MF baseline; defaults train on ml-100k in well under a minute on 2 cores."""
 
-    dim: int = Field(64, gt=0)
-    epochs: int = Field(30, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    reg: float = Field(1e-4, ge=0)
-    batch_size: int = Field(2048, gt=0)
+    dim: int = Field(default=64, gt=0)
+    epochs: int = Field(default=30, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    reg: float = Field(default=1e-4, ge=0)
+    batch_size: int = Field(default=2048, gt=0)
 
 
 class ModelConfig(_Strict):
@@ -102,7 +108,7 @@ class EvalConfig(_Strict):
     primary: str = "ndcg@10"
     # Users are bucketed by their number of training interactions at these upper edges.
     activity_buckets: list[int] = Field(default_factory=lambda: [20, 50, 100])
-    block_size: int = Field(1024, gt=0)
+    block_size: int = Field(default=1024, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:

@@ -35,7 +35,9 @@ def test_baseline_matches_reference(ml100k: evaluate.EvalData, name: str) -> Non
     result = evaluate.evaluate(model, ml100k, "test", [10, 20], [20, 50, 100])
     ndcg = result["overall"]["ndcg@10"]
     assert result["overall"]["n_users"] == 943
-    assert abs(ndcg - REFERENCE[name]) <= 0.005, f"{name}: test ndcg@10 {ndcg:.4f} vs reference {REFERENCE[name]}"
+    assert abs(ndcg - REFERENCE[name]) <= 0.005, (
+        f"{name}: test ndcg@10 {ndcg:.4f} vs reference {REFERENCE[name]}"
+    )
 
 
 @pytest.mark.network

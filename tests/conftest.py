@@ -1,0 +1,112 @@
+"""Shared fixtures: offline/quiet environment, the tiny dataset, a throwaway Prefect server, free ports
+and one CLI-trained workspace shared by the UI and CLI tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = TESTS_DIR.parent
+TINY_DIR = TESTS_DIR / "fixtures" / "tiny"
+METAREC = Path(sys.executable).parent / "metarec"
+
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+# The tiny dataset has 6 users x 5 interactions over 8 items. The default split (0.8/0.1) gives no
+# user a validation interaction, and the default cut-offs (10, 20) exceed the 8 items, which ranking
+# refuses; these overrides make it a valid, fast pipeline input.
+TINY_OVERRIDES = [
+    f"data.path={TINY_DIR}",
+    "data.name=tiny",
+    "split.train_ratio=0.6",
+    "split.valid_ratio=0.2",
+    "eval.ks=[2,5]",
+    "eval.primary=ndcg@5",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.update(QUIET_ENV)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The committed tiny RecBole dataset (dataset name ``tiny``)."""
+    return TINY_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> list[str]:
+    """``-S`` overrides that run the pipeline on the tiny dataset (model not chosen)."""
+    return list(TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Run flows against a throwaway Prefect server and database for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def subprocess_env(tmp: Path) -> dict[str, str]:
+    """Environment for a ``metarec`` subprocess: quiet, offline, with its own Prefect home."""
+    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(tmp / "prefect-home"), "NO_COLOR": "1",
+           "COLUMNS": "200"}
+    env.pop("METAREC_WORKSPACE", None)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@dataclass
+class TrainedWorkspace:
+    """A workspace trained by ``metarec run`` (subprocess), with what the command printed."""
+
+    path: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def run_id(self) -> str:
+        found = re.search(r"MLflow run id:\s*([0-9a-f]{32})", self.stdout)
+        assert found, f"no run id in stdout:\n{self.stdout}"
+        return found.group(1)
+
+    def check(self) -> None:
+        assert self.returncode == 0, f"metarec run failed ({self.returncode}):\n{self.stdout}\n{self.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> TrainedWorkspace:
+    """One ``metarec run`` of the pop model on the tiny dataset, end to end through the CLI."""
+    tmp = tmp_path_factory.mktemp("trained")
+    ws = tmp / "ws"
+    cmd = [str(METAREC), "run", "-w", str(ws)]
+    for override in [*TINY_OVERRIDES, "model.name=pop"]:
+        cmd += ["-S", override]
+    proc = subprocess.run(cmd, cwd=tmp, env=subprocess_env(tmp), capture_output=True, text=True, timeout=600)
+    return TrainedWorkspace(ws, proc.returncode, proc.stdout, proc.stderr)
