@@ -9,14 +9,16 @@ users with at least one held-out item.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from components.baselines import Recommender
 from components.metrics import compute_metrics
-from components.ranking import rank_all
+from components.ranking import PAD, rank_all
+
+if TYPE_CHECKING:  # torch-heavy; only the type is needed here
+    from components.baselines import Recommender
 
 
 @dataclass
@@ -78,7 +80,11 @@ def evaluate(
     def score(block: np.ndarray) -> np.ndarray:
         return model.score(block, history=data.train)
 
-    topk = rank_all(score, users, k_max, data.exclusions(part), block_size=block_size)
+    # Cut-offs beyond the catalogue size rank everything and pad with PAD (-1), which metrics ignore.
+    n_items = truth.shape[1]
+    topk = rank_all(score, users, min(k_max, n_items), data.exclusions(part), block_size=block_size)
+    if k_max > n_items:
+        topk = np.hstack([topk, np.full((len(users), k_max - n_items), PAD, dtype=topk.dtype)])
     truth_rows = truth[users]
     result: dict[str, Any] = {"overall": compute_metrics(topk, truth_rows, ks)}
 

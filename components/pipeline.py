@@ -63,8 +63,12 @@ def prepare_workspace(workspace: Path, overrides: list[str] | None = None) -> Co
     workspace always states the configuration its outputs were made with.
     """
     workspace = Path(workspace).resolve()
-    workspace.mkdir(parents=True, exist_ok=True)
     paths = Paths(workspace)
+    # Validate before touching the disk: a bad override must not leave a half-made workspace.
+    base = read_params(paths.params) if paths.params.exists() else read_params(PROJECT_ROOT / "params.yaml")
+    tree = apply_overrides(base, overrides or [])
+    cfg = build_config(tree, source=f"{paths.params} with overrides {overrides or []}")
+    workspace.mkdir(parents=True, exist_ok=True)
     if not (workspace / ".dvc").is_dir():
         proc = _dvc(workspace, "init", "--no-scm", "-q")
         if proc.returncode != 0:
@@ -72,9 +76,6 @@ def prepare_workspace(workspace: Path, overrides: list[str] | None = None) -> Co
         _dvc(workspace, "config", "core.analytics", "false")
     # dvc.yaml is the project's single pipeline definition; the workspace always gets the current one.
     shutil.copyfile(PROJECT_ROOT / "dvc.yaml", workspace / "dvc.yaml")
-    base = read_params(paths.params) if paths.params.exists() else read_params(PROJECT_ROOT / "params.yaml")
-    tree = apply_overrides(base, overrides or [])
-    cfg = build_config(tree, source=f"{paths.params} with overrides {overrides or []}")
     if cfg.data.path is not None:
         # Stages run with the workspace as their directory: store the path absolute.
         source = Path(cfg.data.path).expanduser().resolve()
@@ -98,6 +99,7 @@ class StageOutcome:
     ran: bool
     seconds: float
     log: str
+    restored: bool = False
 
 
 def repro_stage(workspace: Path, stage: str, parent_run_id: str | None = None) -> StageOutcome:
@@ -108,7 +110,9 @@ def repro_stage(workspace: Path, stage: str, parent_run_id: str | None = None) -
     if proc.returncode != 0:
         raise PipelineError(f"stage {stage} failed (dvc exit {proc.returncode}):\n{log[-4000:]}")
     skipped = "didn't change, skipping" in log
-    return StageOutcome(stage, not skipped, time.perf_counter() - start, log)
+    # DVC's run cache restores outputs of a deps+params combination it has run before.
+    restored = "is cached - skipping run" in log
+    return StageOutcome(stage, not skipped, time.perf_counter() - start, log, restored)
 
 
 def stage_status(workspace: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components import baselines, evaluate, fetch, ingest, kg, split, tracking
+from components import evaluate, fetch, ingest, kg, split, tracking
 from components.storage import atomic_dir, atomic_file, read_json, write_json
-from metarec.config import Config, load_config
+from metarec.config import Config, MineConfig, load_config
 
-STAGES = ("fetch", "ingest", "build_kg", "split", "train", "evaluate")
+STAGES = ("fetch", "ingest", "build_kg", "split", "mine", "train", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Paths:
     @property
     def split(self) -> Path:
         return self.root / "data" / "split"
+
+    @property
+    def metapaths(self) -> Path:
+        return self.root / "data" / "metapaths"
 
     @property
     def model(self) -> Path:
@@ -179,6 +184,53 @@ def run_split(paths: Paths, cfg: Config) -> None:
         mlflow.log_metrics({f"split.{p}.interactions": stats[p]["interactions"] for p in split.PARTS})
 
 
+Miner = Callable[[Path, Path, MineConfig, int], dict[str, Any]]
+
+
+def run_mine(paths: Paths, cfg: Config, miner: Miner) -> None:
+    """Mine metapaths with ``miner`` (the Prefect flow), export candidate features, log the report."""
+    with _run(paths, cfg, "mine"):
+        import mlflow
+
+        from components.metapaths import mining, report
+
+        start = time.perf_counter()
+        result = miner(paths.graph, paths.split, cfg.mine, cfg.seed)
+        mine_seconds = time.perf_counter() - start
+        features = None
+        if cfg.mine.candidates_per_user:
+            spec = mining.ContextSpec(
+                str(paths.graph),
+                str(paths.split),
+                cfg.mine.weighting,
+                cfg.mine.damping,
+                cfg.mine.suffix_budget_mb << 20,
+            )
+            ctx = mining.load_context(spec)
+            schema = ctx.counter.graph.schema
+            from components.metapaths.schema import parse
+
+            selected = [(parse(s["id"], schema), float(s["weight"])) for s in result["selected"]]
+            features = mining.candidate_features(
+                ctx.counter, selected, ctx.train, cfg.mine.candidates_per_user, cfg.mine.block_size
+            )
+        report.save(paths.metapaths, result, features)
+        mlflow.log_artifact(str(paths.metapaths / report.METAPATHS_FILE))
+        mlflow.log_artifact(str(paths.metapaths / report.CHART_FILE))
+        mlflow.log_text(report.table(result), "metapaths_table.md")
+        mlflow.log_dict({"steps": result["steps"]}, "selection_steps.json")
+        metrics = {
+            "mine.candidates": len(result["candidates"]),
+            "mine.selected": len(result["selected"]),
+            "mine.seconds": mine_seconds,
+            "mine.pop_valid_ndcg_at_10": result["pop_valid_ndcg@10"],
+        }
+        if result["combined_valid_ndcg@10"] is not None:
+            metrics["mine.combined_valid_ndcg_at_10"] = result["combined_valid_ndcg@10"]
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("metarec.metapaths.selected", " ; ".join(s["name"] for s in result["selected"]))
+
+
 @dataclass
 class Loaded:
     """Everything a model stage needs: indices, matrices and id tables."""
@@ -214,6 +266,8 @@ def run_train(paths: Paths, cfg: Config) -> None:
         params = model_params(cfg)
         if cfg.model.name == "bpr":
             params["on_epoch"] = lambda epoch, loss: mlflow.log_metric("train.loss", loss, step=epoch)
+        from components import baselines  # torch: imported only by the stages that need it
+
         model = baselines.build_model(cfg.model.name, params, cfg.seed)
         start = time.perf_counter()
         model.fit(loaded.data.train)
@@ -230,6 +284,8 @@ def run_evaluate(paths: Paths, cfg: Config) -> dict[str, Any]:
         import mlflow
 
         loaded = load_parts(paths)
+        from components import baselines
+
         model = baselines.load_model(paths.model)
         results = {
             part: evaluate.evaluate(
@@ -293,6 +349,8 @@ def recommend(
     from components.ranking import PAD, topk_items
 
     loaded = load_parts(paths)
+    from components import baselines
+
     model = baselines.load_model(paths.model)
     n_items = len(loaded.items)
     if not 1 <= k <= n_items:
@@ -324,10 +382,18 @@ def recommend(
     return rows
 
 
-def run_stage(name: str, workspace: Path) -> None:
-    """Run one stage by name in a workspace (the entry point of ``metarec stage NAME``)."""
+def run_stage(name: str, workspace: Path, miner: Miner | None = None) -> None:
+    """Run one stage by name in a workspace (the entry point of ``metarec stage NAME``).
+
+    ``miner`` runs the mining flow; the CLI passes the Prefect flow so components stay free of flows.
+    """
     paths = Paths(Path(workspace).resolve())
     cfg = load_config(paths.params)
+    if name == "mine":
+        if miner is None:
+            raise ValueError("stage mine needs a miner (run it through `metarec stage mine`)")
+        run_mine(paths, cfg, miner)
+        return
     runners = {
         "fetch": run_fetch,
         "ingest": run_ingest,

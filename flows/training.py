@@ -22,7 +22,12 @@ def run_stage(workspace: str, stage: str, parent_run_id: str) -> dict[str, Any]:
     """Run one DVC stage (skipped by DVC when nothing it depends on changed)."""
     outcome = pipeline.repro_stage(Path(workspace), stage, parent_run_id)
     logger = get_run_logger()
-    state = f"ran in {outcome.seconds:.1f}s" if outcome.ran else "up to date, skipped"
+    if not outcome.ran:
+        state = "up to date, skipped"
+    elif outcome.restored:
+        state = f"restored from the DVC run cache in {outcome.seconds:.1f}s"
+    else:
+        state = f"ran in {outcome.seconds:.1f}s"
     logger.info("stage %s: %s", stage, state)
     return {"stage": stage, "ran": outcome.ran, "seconds": round(outcome.seconds, 2)}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -111,7 +110,12 @@ def stage(
     from components.stages import run_stage
 
     try:
-        run_stage(name, _workspace(workspace))
+        if name == "mine":
+            from flows.mining import run_mining
+
+            run_stage(name, _workspace(workspace), miner=run_mining)
+        else:
+            run_stage(name, _workspace(workspace))
     except _known_errors() as exc:
         raise _fail(str(exc)) from None
 
@@ -201,9 +205,12 @@ def ui(
         "127.0.0.1",
         "--port",
         str(port),
+        # One local reader: the default four web workers only cost memory on a laptop.
+        "--workers",
+        "1",
     ]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (store {tracking_uri(ws)})")
-    raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
+    os.execv(sys.executable, cmd)  # become the server: signals (SIGTERM) reach it, no orphan is left
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -75,6 +75,34 @@ class SplitConfig(_Strict):
         return self
 
 
+class MineConfig(_Strict):
+    """Metapath mining: which candidates, how they are counted, scored and selected."""
+
+    # Relations per metapath; 4 reaches user–item–X–item–item and user–X–user–item–item walks.
+    max_length: int = Field(default=4, gt=0)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    # pathsim scored best on ml-100k validation (combined NDCG@10 0.125 vs dwpc 0.113, count 0.105).
+    weighting: Literal["count", "dwpc", "pathsim"] = "pathsim"
+    damping: float = Field(default=0.5, ge=0)
+    top_k: int = Field(default=5, gt=0)
+    # Stop adding metapaths when validation NDCG@10 of the combined scorer gains less than this.
+    min_gain: float = Field(default=1e-4, ge=0)
+    # Only the best individual candidates enter the greedy rounds, bounding their cost.
+    shortlist: int = Field(default=15, gt=0)
+    # Validation users used to score candidates (a seeded sample above this many).
+    sample_users: int = Field(default=2000, gt=0)
+    block_size: int = Field(default=256, gt=0)
+    # Candidate (user, item) pairs per user exported with their metapath features; 0 exports none.
+    candidates_per_user: int = Field(default=100, ge=0)
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    workers: int = Field(default=2, gt=0)
+    # A running Dask scheduler (tcp://host:8786) for task_runner=dask; empty starts a local cluster.
+    dask_address: str = ""
+    # Products of a metapath's later relations are cached when they fit in this many MiB.
+    suffix_budget_mb: int = Field(default=2048, gt=0)
+
+
 class ItemKNNConfig(_Strict):
     """ItemKNN baseline."""
 
@@ -83,11 +111,15 @@ class ItemKNNConfig(_Strict):
 
 
 class BPRConfig(_Strict):
-    """BPR-MF baseline; defaults train on ml-100k in well under a minute on 2 cores."""
+    """BPR-MF baseline.
+
+    Defaults were picked on ml-100k validation NDCG@10 (lr {1e-3, 2e-3, 5e-3} x epochs {30..150} x reg
+    {1e-4, 1e-3}); they train in about 15 s on 2 cores.
+    """
 
     dim: int = Field(default=64, gt=0)
-    epochs: int = Field(default=30, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
+    epochs: int = Field(default=100, gt=0)
+    lr: float = Field(default=2e-3, gt=0)
     reg: float = Field(default=1e-4, ge=0)
     batch_size: int = Field(default=2048, gt=0)
 
@@ -98,6 +130,9 @@ class ModelConfig(_Strict):
     name: Literal["pop", "itemknn", "bpr"] = "itemknn"
     itemknn: ItemKNNConfig = Field(default_factory=ItemKNNConfig)
     bpr: BPRConfig = Field(default_factory=BPRConfig)
+
+
+METRIC_NAMES = ("recall", "precision", "ndcg", "hit", "mrr")
 
 
 class EvalConfig(_Strict):
@@ -114,6 +149,12 @@ class EvalConfig(_Strict):
     def _check(self) -> EvalConfig:
         if not self.ks or min(self.ks) < 1:
             raise ValueError("eval.ks must be a non-empty list of positive integers")
+        name, sep, k = self.primary.partition("@")
+        if not sep or name not in METRIC_NAMES or not k.isdigit() or int(k) not in self.ks:
+            raise ValueError(
+                f"eval.primary {self.primary!r} must be <metric>@<k> with metric in {METRIC_NAMES} "
+                "and k in eval.ks"
+            )
         return self
 
 
@@ -131,6 +172,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     kg: KGConfig = Field(default_factory=KGConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -58,8 +58,13 @@ def tiny_overrides() -> list[str]:
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """Run flows against a throwaway Prefect server and database for the whole session."""
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.testing.utilities import prefect_test_harness
 
+    # Configure Prefect's logging now, against pytest's streams. Left to the first `import prefect.main`,
+    # which may happen inside a CliRunner.invoke (the CLI imports the flow lazily), its console handler
+    # would keep the runner's stderr, closed once the invoke returns, and every later flow would fail.
+    ensure_logging_setup()
     with prefect_test_harness(server_startup_timeout=60):
         yield
 
@@ -74,8 +79,13 @@ def free_port() -> int:
 
 def subprocess_env(tmp: Path) -> dict[str, str]:
     """Environment for a ``metarec`` subprocess: quiet, offline, with its own Prefect home."""
-    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(tmp / "prefect-home"), "NO_COLOR": "1",
-           "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        **QUIET_ENV,
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "NO_COLOR": "1",
+        "COLUMNS": "200",
+    }
     env.pop("METAREC_WORKSPACE", None)
     env.pop("PREFECT_API_URL", None)
     return env
@@ -97,7 +107,9 @@ class TrainedWorkspace:
         return found.group(1)
 
     def check(self) -> None:
-        assert self.returncode == 0, f"metarec run failed ({self.returncode}):\n{self.stdout}\n{self.stderr[-4000:]}"
+        assert self.returncode == 0, (
+            f"metarec run failed ({self.returncode}):\n{self.stdout}\n{self.stderr[-4000:]}"
+        )
 
 
 @pytest.fixture(scope="session")

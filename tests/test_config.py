@@ -17,7 +17,10 @@ def test_params_yaml_equals_typed_defaults() -> None:
 
 
 def test_overrides_are_yaml_typed() -> None:
-    cfg = load_config(ROOT / "params.yaml", ["seed=7", "eval.ks=[5, 50]", "model.name=bpr", "data.path=null"])
+    cfg = load_config(
+        ROOT / "params.yaml",
+        ["seed=7", "eval.ks=[5, 50]", "eval.primary=recall@50", "model.name=bpr", "data.path=null"],
+    )
     assert cfg.seed == 7
     assert cfg.eval.ks == [5, 50]
     assert cfg.model.name == "bpr"
@@ -40,6 +43,10 @@ def test_override_does_not_mutate_input() -> None:
         ("eval.ks=[]", "eval.ks"),
         ("modle.name=pop", "modle"),  # a typo is rejected, not ignored
         ("split.valid_start=5", "given together"),
+        ("eval.primary=ndcg@30", "eval.primary"),  # 30 is not among eval.ks
+        ("eval.primary=auc@10", "eval.primary"),
+        ("mine.max_length=0", "mine.max_length"),
+        ("mine.weighting=hetesim", "mine.weighting"),
     ],
 )
 def test_bad_values_name_the_field(override: str, message: str) -> None:

@@ -200,7 +200,11 @@ def test_parquet_round_trip(tiny, tmp_path: Path) -> None:
     dest = tmp_path / "processed"
     report = ingest(TINY, "tiny", dest)
     assert sorted(p.name for p in dest.iterdir()) == [
-        "interactions.parquet", "items.parquet", "kg.parquet", "report.json", "users.parquet",
+        "interactions.parquet",
+        "items.parquet",
+        "kg.parquet",
+        "report.json",
+        "users.parquet",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["processed"]  # no temp dir left behind
     inter, users, items, kg = read_processed(dest)
@@ -212,9 +216,12 @@ def test_parquet_round_trip(tiny, tmp_path: Path) -> None:
 
 
 def test_numeric_ids_sort_numerically(tmp_path: Path) -> None:
-    src = _write(tmp_path / "num", {
-        "num.inter": "user_id:token\titem_id:token\n10\t10\n2\t1\n1\t2\n",
-    })
+    src = _write(
+        tmp_path / "num",
+        {
+            "num.inter": "user_id:token\titem_id:token\n10\t10\n2\t1\n1\t2\n",
+        },
+    )
     ds = load_dataset(src, "num")
     assert ds.items.item_id.tolist() == ["1", "2", "10"]
     assert ds.users.user_id.tolist() == ["1", "2", "10"]
@@ -235,10 +242,13 @@ def test_natural_order() -> None:
 
 
 def test_item_file_adds_items_without_interactions(tmp_path: Path) -> None:
-    src = _write(tmp_path / "d", {
-        "d.inter": "user_id:token\titem_id:token\nu1\ti2\n",
-        "d.item": "item_id:token\ttitle:token_seq\ni1\tA\ni2\tB\ni3\tC\n",
-    })
+    src = _write(
+        tmp_path / "d",
+        {
+            "d.inter": "user_id:token\titem_id:token\nu1\ti2\n",
+            "d.item": "item_id:token\ttitle:token_seq\ni1\tA\ni2\tB\ni3\tC\n",
+        },
+    )
     ds = load_dataset(src, "d")
     assert ds.items.item_id.tolist() == ["i1", "i2", "i3"]
     assert ds.interactions.item.tolist() == [1]
@@ -271,19 +281,24 @@ def test_duplicates_policy_by_timestamp(tmp_path: Path, policy: str, rating: flo
 
 @pytest.mark.parametrize(("policy", "rating"), [("first", 1.0), ("last", 3.0)])
 def test_duplicates_policy_by_file_order(tmp_path: Path, policy: str, rating: float) -> None:
-    src = _write(tmp_path / "d", {"d.inter": "user_id:token\titem_id:token\trating:float\n"
-                                             "u1\ti1\t1\nu1\ti2\t2\nu1\ti1\t3\n"})
+    src = _write(
+        tmp_path / "d",
+        {"d.inter": "user_id:token\titem_id:token\trating:float\nu1\ti1\t1\nu1\ti2\t2\nu1\ti1\t3\n"},
+    )
     inter = load_dataset(src, "d", duplicates=policy).interactions
     assert sorted(inter.itertuples(index=False, name=None), key=lambda r: r[1])[0][2] == rating
     assert len(inter) == 2
 
 
 def test_presplit_dataset(tmp_path: Path) -> None:
-    src = _write(tmp_path / "p", {
-        "p.train.inter": INTER_HEADER + "u1\ti1\t4\t100\nu2\ti1\t5\t102\n",
-        "p.valid.inter": INTER_HEADER + "u1\ti2\t3\t101\n",
-        "p.test.inter": INTER_HEADER + "u2\ti3\t2\t103\n",
-    })
+    src = _write(
+        tmp_path / "p",
+        {
+            "p.train.inter": INTER_HEADER + "u1\ti1\t4\t100\nu2\ti1\t5\t102\n",
+            "p.valid.inter": INTER_HEADER + "u1\ti2\t3\t101\n",
+            "p.test.inter": INTER_HEADER + "u2\ti3\t2\t103\n",
+        },
+    )
     ds = load_dataset(src, "p")
     inter = ds.interactions
     assert inter.part.tolist() == ["train", "train", "valid", "test"]

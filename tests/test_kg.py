@@ -44,40 +44,112 @@ EXPECTED_NODES = {
 # Every edge of every relation, as (source id, destination id).
 EXPECTED_EDGES: dict[str, tuple[str, str, set[tuple[str, str]]]] = {
     INTERACTED: ("user", "item", set()),  # filled from the training split only
-    "user.age_bucket": ("user", "age_bucket", {
-        ("u1", "0-17"), ("u2", "18-24"), ("u3", "25-34"), ("u4", "35-44"), ("u5", "56+"), ("u6", "18-24"),
-    }),
-    "user.gender": ("user", "gender", {
-        ("u1", "M"), ("u2", "F"), ("u3", "M"), ("u4", "F"), ("u5", "M"), ("u6", "F"),
-    }),
-    "user.occupation": ("user", "occupation", {
-        ("u1", "student"), ("u2", "engineer"), ("u3", "engineer"), ("u4", "artist"), ("u5", "retired"),
-        ("u6", "student"),
-    }),
-    "item.genre": ("item", "genre", {
-        ("i1", "Action"), ("i1", "Drama"), ("i2", "Comedy"), ("i3", "Action"), ("i4", "Drama"),
-        ("i4", "Comedy"), ("i5", "Horror"), ("i6", "Action"), ("i6", "Horror"), ("i7", "Drama"),
-        ("i8", "Comedy"), ("i8", "Drama"),
-    }),
+    "user.age_bucket": (
+        "user",
+        "age_bucket",
+        {
+            ("u1", "0-17"),
+            ("u2", "18-24"),
+            ("u3", "25-34"),
+            ("u4", "35-44"),
+            ("u5", "56+"),
+            ("u6", "18-24"),
+        },
+    ),
+    "user.gender": (
+        "user",
+        "gender",
+        {
+            ("u1", "M"),
+            ("u2", "F"),
+            ("u3", "M"),
+            ("u4", "F"),
+            ("u5", "M"),
+            ("u6", "F"),
+        },
+    ),
+    "user.occupation": (
+        "user",
+        "occupation",
+        {
+            ("u1", "student"),
+            ("u2", "engineer"),
+            ("u3", "engineer"),
+            ("u4", "artist"),
+            ("u5", "retired"),
+            ("u6", "student"),
+        },
+    ),
+    "item.genre": (
+        "item",
+        "genre",
+        {
+            ("i1", "Action"),
+            ("i1", "Drama"),
+            ("i2", "Comedy"),
+            ("i3", "Action"),
+            ("i4", "Drama"),
+            ("i4", "Comedy"),
+            ("i5", "Horror"),
+            ("i6", "Action"),
+            ("i6", "Horror"),
+            ("i7", "Drama"),
+            ("i8", "Comedy"),
+            ("i8", "Drama"),
+        },
+    ),
     # film.film.directed_by and its inverse film.director.film are one relation
-    "film.film.directed_by": ("item", "director", {
-        ("i1", "m.d1"), ("i2", "m.d1"), ("i3", "m.d2"), ("i4", "m.d2"), ("i5", "m.d3"),
-    }),
+    "film.film.directed_by": (
+        "item",
+        "director",
+        {
+            ("i1", "m.d1"),
+            ("i2", "m.d1"),
+            ("i3", "m.d2"),
+            ("i4", "m.d2"),
+            ("i5", "m.d3"),
+        },
+    ),
     # m.x9 film.film.actor m.a1 touches no linked item: dropped
-    "film.film.actor": ("item", "actor", {
-        ("i1", "m.a1"), ("i1", "m.a2"), ("i2", "m.a1"), ("i3", "m.a3"), ("i4", "m.a2"), ("i6", "m.a3"),
-        ("i7", "m.a4"),
-    }),
-    "film.film.language": ("item", "language", {
-        ("i1", "m.en"), ("i2", "m.en"), ("i3", "m.en"), ("i4", "m.fr"), ("i5", "m.en"), ("i6", "m.en"),
-        ("i7", "m.fr"),
-    }),
+    "film.film.actor": (
+        "item",
+        "actor",
+        {
+            ("i1", "m.a1"),
+            ("i1", "m.a2"),
+            ("i2", "m.a1"),
+            ("i3", "m.a3"),
+            ("i4", "m.a2"),
+            ("i6", "m.a3"),
+            ("i7", "m.a4"),
+        },
+    ),
+    "film.film.language": (
+        "item",
+        "language",
+        {
+            ("i1", "m.en"),
+            ("i2", "m.en"),
+            ("i3", "m.en"),
+            ("i4", "m.fr"),
+            ("i5", "m.en"),
+            ("i6", "m.en"),
+            ("i7", "m.fr"),
+        },
+    ),
     # film.film.sequel (i1 -> i2) is the transpose of film.film.prequel (i2 -> i1): only one is kept
     "item.prequel": ("item", "item", {("i2", "i1")}),
 }
 EDGE_COUNTS = {
-    INTERACTED: 0, "user.age_bucket": 6, "user.gender": 6, "user.occupation": 6, "item.genre": 12,
-    "film.film.directed_by": 5, "film.film.actor": 7, "film.film.language": 7, "item.prequel": 1,
+    INTERACTED: 0,
+    "user.age_bucket": 6,
+    "user.gender": 6,
+    "user.occupation": 6,
+    "item.genre": 12,
+    "film.film.directed_by": 5,
+    "film.film.actor": 7,
+    "film.film.language": 7,
+    "item.prequel": 1,
 }
 KG_SOURCES = {
     "film.film.directed_by": ["film.director.film", "film.film.directed_by"],
@@ -113,8 +185,15 @@ def test_node_types(graph: HeteroGraph) -> None:
     assert graph.node_ids == EXPECTED_NODES
     assert graph.summary()["node_types"] == {t: len(ids) for t, ids in EXPECTED_NODES.items()}
     assert graph.summary()["node_types"] == {
-        "user": 6, "item": 8, "age_bucket": 5, "gender": 2, "occupation": 4, "genre": 4, "director": 3,
-        "actor": 4, "language": 2,
+        "user": 6,
+        "item": 8,
+        "age_bucket": 5,
+        "gender": 2,
+        "occupation": 4,
+        "genre": 4,
+        "director": 3,
+        "actor": 4,
+        "language": 2,
     }
 
 
@@ -137,12 +216,27 @@ def test_build_report(built) -> None:
     assert report["triples_dropped_unlinked"] == 1
     assert report["item_item_relations"] == ["film.film.prequel"]
     assert report["kg_relations"] == [
-        {"relation": "film.film.directed_by", "entity_type": "director",
-         "merged": ["film.director.film", "film.film.directed_by"], "edges": 5, "entities": 3},
-        {"relation": "film.film.actor", "entity_type": "actor", "merged": ["film.film.actor"], "edges": 7,
-         "entities": 4},
-        {"relation": "film.film.language", "entity_type": "language", "merged": ["film.film.language"],
-         "edges": 7, "entities": 2},
+        {
+            "relation": "film.film.directed_by",
+            "entity_type": "director",
+            "merged": ["film.director.film", "film.film.directed_by"],
+            "edges": 5,
+            "entities": 3,
+        },
+        {
+            "relation": "film.film.actor",
+            "entity_type": "actor",
+            "merged": ["film.film.actor"],
+            "edges": 7,
+            "entities": 4,
+        },
+        {
+            "relation": "film.film.language",
+            "entity_type": "language",
+            "merged": ["film.film.language"],
+            "edges": 7,
+            "entities": 2,
+        },
     ]
 
 
@@ -210,8 +304,8 @@ def test_reverse_matrix_is_transpose(graph: HeteroGraph) -> None:
         assert backward.shape == forward.shape[::-1]
         assert (backward != forward.T).nnz == 0, name
     assert {(b, a) for a, b in _edges(graph, "film.film.actor")} == {
-        (graph.node_ids["actor"][r], graph.node_ids["item"][c]) for r, c in zip(
-            *graph.matrix("~film.film.actor").nonzero(), strict=True)
+        (graph.node_ids["actor"][r], graph.node_ids["item"][c])
+        for r, c in zip(*graph.matrix("~film.film.actor").nonzero(), strict=True)
     }
     with pytest.raises(KeyError):
         graph.matrix("no.such.relation")
@@ -287,10 +381,22 @@ def test_save_overwrites_previous(built, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
 
 
-@pytest.mark.parametrize(("age", "bucket"), [
-    ("0", "0-17"), ("17", "0-17"), ("18", "18-24"), ("24", "18-24"), ("25", "25-34"), ("49", "45-49"),
-    ("50", "50-55"), ("55", "50-55"), ("56", "56+"), ("90", "56+"), ("22.0", "18-24"),
-])
+@pytest.mark.parametrize(
+    ("age", "bucket"),
+    [
+        ("0", "0-17"),
+        ("17", "0-17"),
+        ("18", "18-24"),
+        ("24", "18-24"),
+        ("25", "25-34"),
+        ("49", "45-49"),
+        ("50", "50-55"),
+        ("55", "50-55"),
+        ("56", "56+"),
+        ("90", "56+"),
+        ("22.0", "18-24"),
+    ],
+)
 def test_age_bucket(age: str, bucket: str) -> None:
     assert age_bucket(age, AGE_BUCKETS) == bucket
 

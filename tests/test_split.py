@@ -27,12 +27,14 @@ TINY = Path(__file__).parent / "fixtures" / "tiny"
 
 def _frame(rows: list[tuple[int, int, float]], part: list[str] | None = None) -> pd.DataFrame:
     """Interactions (user, item, timestamp); rating encodes the row number so rows can be told apart."""
-    frame = pd.DataFrame({
-        "user": np.array([r[0] for r in rows], dtype=np.int32),
-        "item": np.array([r[1] for r in rows], dtype=np.int32),
-        "rating": np.arange(len(rows), dtype=np.float64),
-        "timestamp": np.array([r[2] for r in rows], dtype=np.float64),
-    })
+    frame = pd.DataFrame(
+        {
+            "user": np.array([r[0] for r in rows], dtype=np.int32),
+            "item": np.array([r[1] for r in rows], dtype=np.int32),
+            "rating": np.arange(len(rows), dtype=np.float64),
+            "timestamp": np.array([r[2] for r in rows], dtype=np.float64),
+        }
+    )
     if part is not None:
         frame["part"] = part
     return frame
@@ -139,8 +141,9 @@ def test_leave_last_out_ties() -> None:
 
 
 def test_global_temporal_cutoffs() -> None:
-    inter = _frame([(0, 0, 1.0), (0, 1, 5.0), (1, 0, 9.9), (1, 2, 10.0), (2, 1, 14.0), (2, 2, 20.0),
-                    (0, 3, 25.0)])
+    inter = _frame(
+        [(0, 0, 1.0), (0, 1, 5.0), (1, 0, 9.9), (1, 2, 10.0), (2, 1, 14.0), (2, 2, 20.0), (0, 3, 25.0)]
+    )
     cfg = SplitConfig(protocol="global_temporal", valid_start=10, test_start=20)
     # boundaries are inclusive on the later part: t == valid_start is valid, t == test_start is test
     assert _labels_by_rating(inter, cfg) == ["train", "train", "train", "valid", "valid", "test", "test"]
@@ -150,8 +153,20 @@ def test_global_temporal_cutoffs() -> None:
 
 def test_global_temporal_ratios() -> None:
     # 10 interactions over 3 users, out of order; ties at t=3 broken by user then item
-    inter = _frame([(2, 0, 9.0), (0, 1, 3.0), (1, 5, 3.0), (0, 0, 3.0), (1, 1, 1.0),
-                    (2, 2, 7.0), (0, 4, 8.0), (1, 0, 6.0), (2, 3, 2.0), (0, 2, 5.0)])
+    inter = _frame(
+        [
+            (2, 0, 9.0),
+            (0, 1, 3.0),
+            (1, 5, 3.0),
+            (0, 0, 3.0),
+            (1, 1, 1.0),
+            (2, 2, 7.0),
+            (0, 4, 8.0),
+            (1, 0, 6.0),
+            (2, 3, 2.0),
+            (0, 2, 5.0),
+        ]
+    )
     # global order (t, user, item): r4 (1), r8 (2), r3 (3,u0,i0), r1 (3,u0,i1), r2 (3,u1), r9 (5),
     #   r7 (6), r5 (7), r6 (8), r0 (9) -> 8 train, 1 valid (r6), 1 test (r0)
     labels = _labels_by_rating(inter, SplitConfig(protocol="global_temporal"))
@@ -229,13 +244,16 @@ def test_empty_and_trainless() -> None:
         split_interactions(inter, SplitConfig(protocol="global_temporal", valid_start=10, test_start=20))
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"train_ratio": 0.9, "valid_ratio": 0.1},
-    {"train_ratio": 0.0},
-    {"valid_start": 5.0},
-    {"valid_start": 5.0, "test_start": 4.0},
-    {"protocol": "random"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"train_ratio": 0.9, "valid_ratio": 0.1},
+        {"train_ratio": 0.0},
+        {"valid_start": 5.0},
+        {"valid_start": 5.0, "test_start": 4.0},
+        {"protocol": "random"},
+    ],
+)
 def test_config_rejects(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SplitConfig(**kwargs)
@@ -273,8 +291,9 @@ def test_partition_and_determinism(tiny_inter: pd.DataFrame, cfg: SplitConfig) -
     together = pd.concat([first.part(n) for n in PARTS], ignore_index=True)
     assert len(together) == len(tiny_inter) == 30
     assert not together.duplicated(key).any()
-    pd.testing.assert_frame_equal(together.sort_values(key).reset_index(drop=True),
-                                  tiny_inter.sort_values(key).reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        together.sort_values(key).reset_index(drop=True), tiny_inter.sort_values(key).reset_index(drop=True)
+    )
 
 
 def test_tiny_user_temporal_counts(tiny_inter: pd.DataFrame) -> None:

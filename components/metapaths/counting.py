@@ -1,0 +1,143 @@
+"""Count metapath instances with sparse commuting matrices, one block of users at a time.
+
+The commuting matrix of a metapath r1 r2 … rk is the product A1 A2 … Ak of its relations' instance
+matrices; entry (u, i) counts the path instances from user u to item i. Three weightings:
+
+- ``count``: raw instance counts.
+- ``dwpc``: degree-weighted path counts (Himmelstein & Baranzini 2015): every relation matrix becomes
+  D_src^-w A D_dst^-w, so each instance is damped by the degrees of the nodes it passes through.
+  Hubs such as a genre shared by 40% of films stop dominating.
+- ``pathsim``: counts normalised by the geometric mean of u's outgoing and i's incoming path counts,
+  M_ui / sqrt(M_u· M_·i): PathSim's idea of penalising prolific endpoints, for endpoints of different
+  types (PathSim's 2M_xy/(M_xx+M_yy) needs a symmetric path).
+
+Memory stays bounded: no dense users×items matrix larger than one block is formed. When the product
+of all relations after the first (an item×item matrix for user–item–X–item paths) fits the
+``suffix_budget_bytes``, it is computed once and every block is one product with it; otherwise the
+chain is multiplied left to right per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from components.kg import HeteroGraph
+from components.metapaths.schema import Metapath
+
+Weighting = Literal["count", "dwpc", "pathsim"]
+# Sparse intermediates denser than this are cheaper as dense arrays.
+_DENSE_SWITCH = 0.15
+
+
+def _inv_power(degrees: np.ndarray, w: float) -> np.ndarray:
+    out = np.zeros_like(degrees, dtype=np.float64)
+    nz = degrees > 0
+    out[nz] = degrees[nz] ** -w
+    return out
+
+
+@dataclass
+class Counter:
+    """Computes metapath score blocks on one graph with one weighting; caches reusable products."""
+
+    graph: HeteroGraph
+    weighting: Weighting = "dwpc"
+    damping: float = 0.5
+    suffix_budget_bytes: int = 2 << 30
+    _mats: dict[str, sp.csr_matrix] = field(default_factory=dict, init=False, repr=False)
+    _suffix: dict[tuple[str, ...], sp.csr_matrix | np.ndarray | None] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _norms: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("count", "dwpc", "pathsim"):
+            raise ValueError(f"unknown weighting {self.weighting!r}; expected count, dwpc or pathsim")
+        if self.damping < 0:
+            raise ValueError("damping must be >= 0")
+
+    def matrix(self, key: str) -> sp.csr_matrix:
+        """The (weighted) instance matrix of one schema edge key, float64 for exact counts."""
+        if key not in self._mats:
+            base = self.graph.matrix(key).astype(np.float64).tocsr()
+            if self.weighting == "dwpc" and self.damping > 0:
+                rows = _inv_power(np.asarray(base.sum(axis=1)).ravel(), self.damping)
+                cols = _inv_power(np.asarray(base.sum(axis=0)).ravel(), self.damping)
+                base = (sp.diags(rows) @ base @ sp.diags(cols)).tocsr()
+            self._mats[key] = base
+        return self._mats[key]
+
+    def _suffix_product(self, path: Metapath) -> sp.csr_matrix | np.ndarray | None:
+        keys = path.keys[1:]
+        if not keys:
+            return None
+        if keys not in self._suffix:
+            n_rows = self.matrix(keys[0]).shape[0]
+            n_items = self.matrix(keys[-1]).shape[1]
+            product: sp.csr_matrix | np.ndarray | None = None
+            if n_rows * n_items * 8 <= self.suffix_budget_bytes:
+                acc: sp.csr_matrix | np.ndarray = self.matrix(keys[0])
+                for key in keys[1:]:
+                    acc = _multiply(acc, self.matrix(key))
+                product = acc
+            self._suffix[keys] = product
+        return self._suffix[keys]
+
+    def raw_block(self, path: Metapath, users: np.ndarray) -> np.ndarray:
+        """Weighted path counts (before any pathsim normalisation) for a block: (len(users), n_items)."""
+        first = self.matrix(path.keys[0])[users]
+        suffix = self._suffix_product(path)
+        if path.length == 1:
+            acc: sp.csr_matrix | np.ndarray = first
+        elif suffix is not None:
+            acc = _multiply(first, suffix)
+        else:
+            acc = first
+            for key in path.keys[1:]:
+                acc = _multiply(acc, self.matrix(key))
+        dense = acc.toarray() if isinstance(acc, sp.spmatrix | sp.sparray) else acc
+        return np.asarray(dense, dtype=np.float64)
+
+    def endpoint_sums(self, path: Metapath) -> tuple[np.ndarray, np.ndarray]:
+        """Row sums (paths out of each user) and column sums (paths into each item), via vector chains."""
+        if path.keys not in self._norms:
+            mats = [self.matrix(k) for k in path.keys]
+            rows = np.ones(mats[-1].shape[1])
+            for m in reversed(mats):
+                rows = m @ rows
+            cols = np.ones(mats[0].shape[0])
+            for m in mats:
+                cols = m.T @ cols
+            self._norms[path.keys] = (np.asarray(rows).ravel(), np.asarray(cols).ravel())
+        return self._norms[path.keys]
+
+    def block(self, path: Metapath, users: np.ndarray) -> np.ndarray:
+        """Scores of ``path`` for a block of users under the counter's weighting: (len(users), n_items)."""
+        users = np.asarray(users, dtype=np.int64)
+        scores = self.raw_block(path, users)
+        if self.weighting == "pathsim":
+            rows, cols = self.endpoint_sums(path)
+            denom = np.sqrt(np.outer(rows[users], cols))
+            scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
+        return scores
+
+
+def _multiply(
+    left: sp.csr_matrix | np.ndarray, right: sp.csr_matrix | np.ndarray
+) -> sp.csr_matrix | np.ndarray:
+    if not sp.issparse(right):
+        return np.asarray(left @ right)
+    if sp.issparse(left):
+        out = (left @ right).tocsr()
+        rows, cols = out.shape
+        if rows and cols and out.nnz > _DENSE_SWITCH * rows * cols:
+            return np.asarray(out.toarray())
+        return out
+    # dense @ sparse: scipy's fast path is sparse @ dense, so transpose around it.
+    return np.asarray((right.T @ np.asarray(left).T).T)
