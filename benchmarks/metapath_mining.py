@@ -1,9 +1,9 @@
 """Metapath mining benchmarks: ml-100k timings, speed against networkx, and synthetic scale-up.
 
 Usage:
-    .venv/bin/python benchmarks/metapath_mining.py ml100k            # ml-100k + networkx comparison
-    .venv/bin/python benchmarks/metapath_mining.py scale --size small # one synthetic size (subprocess-friendly)
-    .venv/bin/python benchmarks/metapath_mining.py scale-all          # small, medium, large, each in its own process
+    .venv/bin/python benchmarks/metapath_mining.py ml100k             # ml-100k + networkx comparison
+    .venv/bin/python benchmarks/metapath_mining.py scale --size small  # one synthetic size
+    .venv/bin/python benchmarks/metapath_mining.py scale-all           # small, medium, large (a process each)
 
 Each scale size runs in a fresh process so its peak RSS is its own. Mining uses the pipeline's defaults
 (pathsim, max length 4, 2000 sampled validation users, blocks of 256, serial map in one process, which
@@ -53,8 +53,9 @@ def prepare(raw: Path, name: str) -> tuple[kg.HeteroGraph, object, dict[str, flo
     data = ingest.load_dataset(raw, name)
     times["ingest_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    graph, _ = kg.build_graph(data.users, data.items, data.kg, cfg.kg.item_fields, cfg.kg.user_fields,
-                              cfg.kg.age_buckets)
+    graph, _ = kg.build_graph(
+        data.users, data.items, data.kg, cfg.kg.item_fields, cfg.kg.user_fields, cfg.kg.age_buckets
+    )
     times["build_graph_s"] = time.perf_counter() - start
     start = time.perf_counter()
     parts = split.split_interactions(data.interactions, SplitConfig())
@@ -74,11 +75,19 @@ def mine(graph: kg.HeteroGraph, train: object, valid: object, cfg: MineConfig, s
     counter = Counter(graph, cfg.weighting, cfg.damping, cfg.suffix_budget_mb << 20)
     blocks = mining.validation_blocks(valid, cfg.sample_users, cfg.block_size, seed)  # type: ignore[arg-type]
     start = time.perf_counter()
-    rows, steps = mining.select(candidates, blocks, mining.serial_map(counter, train, valid),  # type: ignore[arg-type]
-                                cfg.top_k, cfg.min_gain, cfg.shortlist)
+    rows, steps = mining.select(
+        candidates,
+        blocks,
+        mining.serial_map(counter, train, valid),  # type: ignore[arg-type]
+        cfg.top_k,
+        cfg.min_gain,
+        cfg.shortlist,
+    )
     out["count_score_select_s"] = time.perf_counter() - start
     out["selected"] = [s["name"] for s in steps if "selected" in s]
-    out["combined_valid_ndcg@10"] = next((s["combined_ndcg"] for s in reversed(steps) if "combined_ndcg" in s), None)
+    out["combined_valid_ndcg@10"] = next(
+        (s["combined_ndcg"] for s in reversed(steps) if "combined_ndcg" in s), None
+    )
     out["pop_valid_ndcg@10"] = mining.popularity_ndcg(train, valid, blocks)  # type: ignore[arg-type]
     return out
 
@@ -117,13 +126,20 @@ def bench_ml100k() -> None:
     cfg = MineConfig()
     result = mine(graph, train, valid, cfg)
     print("ml-100k (943 users, 1682 items, all 943 validation users scored)")
-    print(f"  ingest {times['ingest_s']:.2f}s, graph {times['build_graph_s']:.2f}s, split {times['split_s']:.2f}s")
-    print(f"  candidates up to length {cfg.max_length}: {result['candidates']} "
-          f"(enumerated in {result['enumerate_s'] * 1000:.1f} ms)")
+    print(
+        f"  ingest {times['ingest_s']:.2f}s, graph {times['build_graph_s']:.2f}s, "
+        f"split {times['split_s']:.2f}s"
+    )
+    print(
+        f"  candidates up to length {cfg.max_length}: {result['candidates']} "
+        f"(enumerated in {result['enumerate_s'] * 1000:.1f} ms)"
+    )
     print(f"  count + score all candidates + greedy selection: {result['count_score_select_s']:.1f}s")
     print(f"  selected: {result['selected']}")
-    print(f"  validation NDCG@10: selected set {result['combined_valid_ndcg@10']:.4f} vs Pop "
-          f"{result['pop_valid_ndcg@10']:.4f}")
+    print(
+        f"  validation NDCG@10: selected set {result['combined_valid_ndcg@10']:.4f} vs Pop "
+        f"{result['pop_valid_ndcg@10']:.4f}"
+    )
     print(f"  peak RSS: {peak_rss_mb():.0f} MiB")
 
     # Speed against networkx: the same length-3 metapaths, the same 100 users, raw counts.
@@ -137,8 +153,10 @@ def bench_ml100k() -> None:
     theirs = [networkx_counts(graph, p, users) for p in paths]
     nx_s = time.perf_counter() - start
     assert all(np.allclose(a, b) for a, b in zip(ours, theirs, strict=True)), "counts disagree"
-    print(f"  networkx comparison ({len(paths)} length-3 metapaths, 100 users, identical counts): "
-          f"sparse {ours_s:.3f}s vs networkx {nx_s:.1f}s = {nx_s / ours_s:.0f}x")
+    print(
+        f"  networkx comparison ({len(paths)} length-3 metapaths, 100 users, identical counts): "
+        f"sparse {ours_s:.3f}s vs networkx {nx_s:.1f}s = {nx_s / ours_s:.0f}x"
+    )
 
 
 def bench_scale(size: str) -> None:
@@ -151,19 +169,27 @@ def bench_scale(size: str) -> None:
         graph, (train, valid), times = prepare(Path(tmp) / "syn", "synthetic")
     result = mine(graph, train, valid, MineConfig())
     total = sum(times.values()) + result["enumerate_s"] + result["count_score_select_s"]
-    print(f"{size}: {spec.n_users:,} users x {spec.n_items:,} items x {spec.n_entities:,} entities, "
-          f"{spec.n_interactions:,} interactions, {spec.n_triples:,} triples")
-    print(f"  generate {gen_s:.1f}s | ingest {times['ingest_s']:.1f}s | graph {times['build_graph_s']:.1f}s | "
-          f"split {times['split_s']:.1f}s | mine ({result['candidates']} candidates, 2000 users) "
-          f"{result['count_score_select_s']:.1f}s | total (excl. generate) {total:.1f}s | "
-          f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
-    print(f"  selected: {result['selected']}; valid NDCG@10 {result['combined_valid_ndcg@10']} vs Pop "
-          f"{result['pop_valid_ndcg@10']:.4f}")
+    print(
+        f"{size}: {spec.n_users:,} users x {spec.n_items:,} items x {spec.n_entities:,} entities, "
+        f"{spec.n_interactions:,} interactions, {spec.n_triples:,} triples"
+    )
+    print(
+        f"  generate {gen_s:.1f}s | ingest {times['ingest_s']:.1f}s | graph {times['build_graph_s']:.1f}s | "
+        f"split {times['split_s']:.1f}s | mine ({result['candidates']} candidates, 2000 users) "
+        f"{result['count_score_select_s']:.1f}s | total (excl. generate) {total:.1f}s | "
+        f"peak RSS {peak_rss_mb() / 1024:.2f} GiB"
+    )
+    print(
+        f"  selected: {result['selected']}; valid NDCG@10 {result['combined_valid_ndcg@10']} vs Pop "
+        f"{result['pop_valid_ndcg@10']:.4f}"
+    )
 
 
 def main() -> None:
     """Parse the command and run it."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=["ml100k", "scale", "scale-all"])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     args = parser.parse_args()

@@ -231,6 +231,34 @@ def run_mine(paths: Paths, cfg: Config, miner: Miner) -> None:
         mlflow.set_tag("metarec.metapaths.selected", " ; ".join(s["name"] for s in result["selected"]))
 
 
+def explain_pair(paths: Paths, user_id: str, item_id: str, top_n: int = 3) -> list[dict[str, Any]]:
+    """Path instances connecting a user to an item along the workspace's selected metapaths."""
+    from components.metapaths import mining, report
+    from components.metapaths.explain import Namer, explain
+
+    if not (paths.metapaths / report.METAPATHS_FILE).exists():
+        raise FileNotFoundError(f"no mined metapaths in {paths.metapaths}; run `metarec run` first")
+    cfg = load_config(paths.params)
+    spec = mining.ContextSpec(
+        str(paths.graph),
+        str(paths.split),
+        cfg.mine.weighting,
+        cfg.mine.damping,
+        cfg.mine.suffix_budget_mb << 20,
+    )
+    ctx = mining.load_context(spec)
+    graph = ctx.counter.graph
+    users = {u: k for k, u in enumerate(graph.node_ids["user"])}
+    items = {i: k for k, i in enumerate(graph.node_ids["item"])}
+    if user_id not in users:
+        raise ValueError(f"unknown user id {user_id!r}")
+    if item_id not in items:
+        raise ValueError(f"unknown item id {item_id!r}")
+    selected = [p for p, _ in report.load_selected(paths.metapaths, graph.schema)]
+    namer = Namer(graph, pd.read_parquet(paths.processed / "items.parquet"))
+    return explain(ctx.counter, selected, users[user_id], items[item_id], namer, top_n)
+
+
 @dataclass
 class Loaded:
     """Everything a model stage needs: indices, matrices and id tables."""

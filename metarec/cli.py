@@ -147,6 +147,36 @@ def recommend(
 
 
 @app.command()
+def explain(
+    user: Annotated[str, typer.Option("--user", "-u", help="User id (as in the dataset).")],
+    item: Annotated[str, typer.Option("--item", "-i", help="Item id (as in the dataset).")],
+    workspace: WorkspaceOpt = None,
+    top: Annotated[int, typer.Option(help="Path instances shown per metapath.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Explain why an item fits a user: path instances along the selected metapaths."""
+    import json
+
+    from components.stages import Paths, explain_pair
+
+    try:
+        result = explain_pair(Paths(_workspace(workspace)), user, item, top)
+    except _known_errors() as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    if not result:
+        console.print(f"no selected metapath connects user {user} to item {item}")
+        return
+    for entry in result:
+        count = f"{entry['instances']}+" if entry["instances_capped"] else str(entry["instances"])
+        console.print(f"[bold]{entry['name']}[/] — {count} instance(s), score {entry['score']:.4g}")
+        for path in entry["paths"]:
+            console.print(f"  {path['text']}", highlight=False)
+
+
+@app.command()
 def leaderboard(
     workspace: WorkspaceOpt = None,
     last: Annotated[int, typer.Option(help="How many recent training runs to list.")] = 20,

@@ -40,6 +40,16 @@ def _inv_power(degrees: np.ndarray, w: float) -> np.ndarray:
     return out
 
 
+def damped_matrix(graph: HeteroGraph, key: str, damping: float) -> sp.csr_matrix:
+    """D_src^-w A D_dst^-w for one schema edge key (plain A, as float64, when ``damping`` is 0)."""
+    base = graph.matrix(key).astype(np.float64).tocsr()
+    if damping > 0:
+        rows = _inv_power(np.asarray(base.sum(axis=1)).ravel(), damping)
+        cols = _inv_power(np.asarray(base.sum(axis=0)).ravel(), damping)
+        base = (sp.diags(rows) @ base @ sp.diags(cols)).tocsr()
+    return base
+
+
 @dataclass
 class Counter:
     """Computes metapath score blocks on one graph with one weighting; caches reusable products."""
@@ -52,6 +62,7 @@ class Counter:
     _suffix: dict[tuple[str, ...], sp.csr_matrix | np.ndarray | None] = field(
         default_factory=dict, init=False, repr=False
     )
+    _cached_bytes: int = field(default=0, init=False, repr=False)
     _norms: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -65,12 +76,8 @@ class Counter:
     def matrix(self, key: str) -> sp.csr_matrix:
         """The (weighted) instance matrix of one schema edge key, float64 for exact counts."""
         if key not in self._mats:
-            base = self.graph.matrix(key).astype(np.float64).tocsr()
-            if self.weighting == "dwpc" and self.damping > 0:
-                rows = _inv_power(np.asarray(base.sum(axis=1)).ravel(), self.damping)
-                cols = _inv_power(np.asarray(base.sum(axis=0)).ravel(), self.damping)
-                base = (sp.diags(rows) @ base @ sp.diags(cols)).tocsr()
-            self._mats[key] = base
+            damping = self.damping if self.weighting == "dwpc" else 0.0
+            self._mats[key] = damped_matrix(self.graph, key, damping)
         return self._mats[key]
 
     def _suffix_product(self, path: Metapath) -> sp.csr_matrix | np.ndarray | None:
@@ -80,14 +87,32 @@ class Counter:
         if keys not in self._suffix:
             n_rows = self.matrix(keys[0]).shape[0]
             n_items = self.matrix(keys[-1]).shape[1]
-            product: sp.csr_matrix | np.ndarray | None = None
-            if n_rows * n_items * 8 <= self.suffix_budget_bytes:
-                acc: sp.csr_matrix | np.ndarray = self.matrix(keys[0])
-                for key in keys[1:]:
-                    acc = _multiply(acc, self.matrix(key))
-                product = acc
+            if n_rows * n_items * 8 > self.suffix_budget_bytes:
+                self._suffix[keys] = None  # too big even dense: multiply the chain per user block
+                return None
+            product = self._chunked_product(keys, n_rows)
+            size = _nbytes(product)
+            if self._cached_bytes + size > self.suffix_budget_bytes:
+                # Keep the cache within budget: forget earlier suffixes (they are recomputable).
+                self._suffix = {k: None for k, v in self._suffix.items() if v is None}
+                self._cached_bytes = 0
             self._suffix[keys] = product
+            self._cached_bytes += size
         return self._suffix[keys]
+
+    def _chunked_product(self, keys: tuple[str, ...], n_rows: int) -> sp.csr_matrix | np.ndarray:
+        # Row chunks bound the sparse intermediates: an item×user×item product can be nearly dense,
+        # and materialising it as sparse first would take several times its dense size.
+        chunk = max(1, min(n_rows, (256 << 20) // max(1, 8 * self.matrix(keys[-1]).shape[1])))
+        parts: list[sp.csr_matrix | np.ndarray] = []
+        for start in range(0, n_rows, chunk):
+            acc: sp.csr_matrix | np.ndarray = self.matrix(keys[0])[start : start + chunk]
+            for key in keys[1:]:
+                acc = _multiply(acc, self.matrix(key))
+            parts.append(acc)
+        if all(sp.issparse(p) for p in parts):
+            return sp.vstack(parts).tocsr()
+        return np.vstack([p.toarray() if sp.issparse(p) else p for p in parts])  # type: ignore[union-attr]
 
     def raw_block(self, path: Metapath, users: np.ndarray) -> np.ndarray:
         """Weighted path counts (before any pathsim normalisation) for a block: (len(users), n_items)."""
@@ -126,6 +151,12 @@ class Counter:
             denom = np.sqrt(np.outer(rows[users], cols))
             scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
         return scores
+
+
+def _nbytes(matrix: sp.csr_matrix | np.ndarray) -> int:
+    if isinstance(matrix, np.ndarray):
+        return int(matrix.nbytes)
+    return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
 
 
 def _multiply(

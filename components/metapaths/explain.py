@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 
 from components.kg import INTERACTED, REVERSE, HeteroGraph
-from components.metapaths.counting import Counter
+from components.metapaths.counting import Counter, damped_matrix
 from components.metapaths.schema import Metapath
 
 # Instances are ranked by their degree-damped weight: a director shared by two films says more than a
 # language shared by five hundred. Enumeration stops after this many instances per metapath.
 MAX_INSTANCES = 20000
+INSTANCE_DAMPING = 0.5
 
 
 @dataclass
@@ -80,7 +81,8 @@ def instances(
     only real instances are enumerated.
     """
     mats = [counter.graph.matrix(k).tocsr() for k in path.keys]
-    weights = [counter.matrix(k).tocsr() for k in path.keys]
+    # Instances are ranked by degree-damped weight whatever the counter's weighting.
+    weights = [damped_matrix(counter.graph, k, INSTANCE_DAMPING) for k in path.keys]
     reach: list[np.ndarray] = [np.zeros(0, dtype=bool)] * (len(mats) + 1)
     last = np.zeros(mats[-1].shape[1], dtype=bool)
     last[item] = True
@@ -132,6 +134,7 @@ def explain(
                 "metapath": path.id,
                 "name": path.name,
                 "instances": count,
+                "instances_capped": count >= MAX_INSTANCES,
                 "score": float(counter.block(path, np.asarray([user]))[0, item]),
                 "paths": [{"text": render(path, inst.nodes, namer), "weight": inst.weight} for inst in best],
             }
