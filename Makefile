@@ -31,6 +31,7 @@ demo: install
 	$(BIN)/metarec run --workspace $(WS) -S model.name=itemknn
 	$(BIN)/metarec recommend --workspace $(WS) --all-users --k 10 --out $(WS)/recommendations.csv
 	$(BIN)/metarec leaderboard --workspace $(WS)
+	$(BIN)/metarec explain --workspace $(WS) --user 196 --item 242 --top 2
 	@echo "Inspect the runs: $(BIN)/metarec ui --workspace $(WS)  (http://127.0.0.1:5000)"
 
 test: install

@@ -189,16 +189,17 @@ def _add_kg(
     head_side: Counter[str] = Counter()
     tail_side: Counter[str] = Counter()
     rel = kg.relation_id.to_numpy()
+    head_items, tail_items = heads.to_numpy(), tails.to_numpy()  # positional access, not .iat, in the loop
     head_ids, tail_ids = kg.head_id.to_numpy(), kg.tail_id.to_numpy()
     for k in range(len(kg)):
         r = str(rel[k])
         if h_item[k] and t_item[k]:
-            item_pairs.setdefault(r, set()).add((int(heads.iat[k]), int(tails.iat[k])))
+            item_pairs.setdefault(r, set()).add((int(head_items[k]), int(tail_items[k])))
         elif h_item[k]:
-            pairs.setdefault(r, set()).add((int(heads.iat[k]), str(tail_ids[k])))
+            pairs.setdefault(r, set()).add((int(head_items[k]), str(tail_ids[k])))
             head_side[r] += 1
         elif t_item[k]:
-            pairs.setdefault(r, set()).add((int(tails.iat[k]), str(head_ids[k])))
+            pairs.setdefault(r, set()).add((int(tail_items[k]), str(head_ids[k])))
             tail_side[r] += 1
 
     # KG dumps list many relations twice (film.film.directed_by and film.director.film); identical

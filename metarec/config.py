@@ -100,7 +100,8 @@ class MineConfig(_Strict):
     # A running Dask scheduler (tcp://host:8786) for task_runner=dask; empty starts a local cluster.
     dask_address: str = ""
     # Products of a metapath's later relations are cached when they fit in this many MiB.
-    suffix_budget_mb: int = Field(default=2048, gt=0)
+    # 4 GiB holds a dense 20k×20k item co-occurrence (user–item–user–item) at the scale benchmark's size.
+    suffix_budget_mb: int = Field(default=4096, gt=0)
 
 
 class ItemKNNConfig(_Strict):

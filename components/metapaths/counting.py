@@ -31,6 +31,9 @@ from components.metapaths.schema import Metapath
 Weighting = Literal["count", "dwpc", "pathsim"]
 # Sparse intermediates denser than this are cheaper as dense arrays.
 _DENSE_SWITCH = 0.15
+# A suffix whose chain passes through at most this many nodes of one type is low-rank: cheaper to
+# multiply per block than to expand into a (possibly dense) items×items matrix.
+LOW_RANK = 1024
 
 
 def _inv_power(degrees: np.ndarray, w: float) -> np.ndarray:
@@ -87,8 +90,11 @@ class Counter:
         if keys not in self._suffix:
             n_rows = self.matrix(keys[0]).shape[0]
             n_items = self.matrix(keys[-1]).shape[1]
-            if n_rows * n_items * 8 > self.suffix_budget_bytes:
-                self._suffix[keys] = None  # too big even dense: multiply the chain per user block
+            inner = min(self.matrix(k).shape[0] for k in keys[1:]) if len(keys) > 1 else n_rows
+            if n_rows * n_items * 8 > self.suffix_budget_bytes or inner <= LOW_RANK:
+                # Too big even dense, or a narrow middle (8 genres) that makes the per-block chain
+                # cheaper than an items×items product: multiply the chain per user block instead.
+                self._suffix[keys] = None
                 return None
             product = self._chunked_product(keys, n_rows)
             size = _nbytes(product)
