@@ -36,6 +36,11 @@ TINY_OVERRIDES = [
     "split.valid_ratio=0.2",
     "eval.ks=[2,5]",
     "eval.primary=ndcg@5",
+    # Real MiniLM on 6 users: a few LoRA steps on small batches keep the encode stage to seconds.
+    "text.finetune.steps=3",
+    "text.finetune.batch_size=4",
+    "text.finetune.checkpoint_every=2",
+    "text.finetune.warmup_steps=1",
 ]
 
 

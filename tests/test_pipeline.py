@@ -170,7 +170,7 @@ def test_model_change_reruns_train_and_evaluate(ws: Workspace, model_change_run:
 
 
 def test_split_change_reruns_split_and_downstream(ws: Workspace, split_change_run: dict[str, Any]) -> None:
-    assert ran(split_change_run) == {"split", "mine", "train", "evaluate"}
+    assert ran(split_change_run) == {"split", "mine", "encode", "train", "evaluate"}
     stats = json.loads((ws.path / "data/split/stats.json").read_text(encoding="utf-8"))
     assert stats["train"]["interactions"] == 12  # 2 of 5 per user
     assert "up to date" in pipeline.stage_status(ws.path)

@@ -1,0 +1,172 @@
+"""(user history text, next item) pairs: the supervision that ties text fine-tuning to recommendation.
+
+A pair's query is the user's verbalisation from the items seen *so far*; its target is the item that
+came next. Training pairs come from walking each user's training interactions in time order, so no
+held-out interaction leaks into fine-tuning; validation pairs query with the whole training history
+and target the first held-out item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from components.text.verbalise import DEFAULT_USER_TEMPLATE, histories, item_titles, user_text
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """Queries paired with target items, plus the candidate item texts they are ranked among.
+
+    Attributes:
+        queries: One user-history text per pair.
+        targets: Per pair, the index (into ``candidates``) of the item that came next.
+        candidates: Text of every item, by item index.
+        users: Per pair, the user index.
+        seen: Per pair, items already in the history; excluded when ranking (they are not "next").
+    """
+
+    queries: list[str]
+    targets: np.ndarray
+    candidates: list[str]
+    users: np.ndarray
+    seen: list[np.ndarray]
+
+    def __post_init__(self) -> None:
+        n = len(self.queries)
+        if not (len(self.targets) == len(self.users) == len(self.seen) == n):
+            raise ValueError(
+                f"pair set parts disagree: {n} queries, {len(self.targets)} targets, "
+                f"{len(self.users)} users, {len(self.seen)} seen lists"
+            )
+        if n and (int(self.targets.min()) < 0 or int(self.targets.max()) >= len(self.candidates)):
+            raise ValueError(f"a target lies outside the {len(self.candidates)} candidates")
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def positives(self, index: np.ndarray) -> list[str]:
+        """Target item texts of the given pairs."""
+        return [self.candidates[int(self.targets[k])] for k in index]
+
+    def fingerprint(self) -> str:
+        """sha256 over queries, targets and candidates: a checkpoint resumes only on the same pairs."""
+        digest = hashlib.sha256()
+        for text in self.queries:
+            digest.update(text.encode("utf-8") + b"\0")
+        digest.update(np.ascontiguousarray(self.targets, dtype=np.int64).tobytes())
+        for text in self.candidates:
+            digest.update(text.encode("utf-8") + b"\0")
+        return digest.hexdigest()
+
+    def subset(self, index: np.ndarray) -> PairSet:
+        """The pairs at ``index`` (same candidates)."""
+        return PairSet(
+            [self.queries[int(k)] for k in index],
+            self.targets[index],
+            self.candidates,
+            self.users[index],
+            [self.seen[int(k)] for k in index],
+        )
+
+
+def _check_candidates(items: pd.DataFrame, item_texts: list[str]) -> None:
+    if len(item_texts) != len(items):
+        raise ValueError(f"{len(item_texts)} item texts for {len(items)} items")
+    if not np.array_equal(items["item"].to_numpy(), np.arange(len(items))):
+        raise ValueError("items must be the processed table, ordered by item index 0..n-1")
+
+
+def next_item_pairs(
+    train: pd.DataFrame,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    item_texts: list[str],
+    n_recent: int = 10,
+    template: str = DEFAULT_USER_TEMPLATE,
+    *,
+    min_history: int = 1,
+    max_per_user: int | None = None,
+) -> PairSet:
+    """Training pairs: each user's history up to position t, paired with the item at t.
+
+    Args:
+        train: Training interactions (``user``, ``item``, ``timestamp``).
+        users: Processed users table.
+        items: Processed items table, ordered by item index.
+        item_texts: Text of every item (from :func:`~components.text.verbalise.item_texts`).
+        n_recent: Most recent items named in a query.
+        template: User template (see :func:`~components.text.verbalise.user_texts`).
+        min_history: Items a history needs before it becomes a query.
+        max_per_user: Keep only each user's latest this many pairs, so heavy users do not dominate.
+
+    Returns:
+        Pairs ordered by user, then time.
+    """
+    if min_history < 1:
+        raise ValueError(f"min_history must be >= 1, got {min_history}")
+    if max_per_user is not None and max_per_user < 1:
+        raise ValueError(f"max_per_user must be >= 1 or None, got {max_per_user}")
+    _check_candidates(items, item_texts)
+    titles = item_titles(items)
+    rows = {int(r["user"]): r for r in users.to_dict("records")}
+    queries: list[str] = []
+    targets: list[int] = []
+    owners: list[int] = []
+    seen: list[np.ndarray] = []
+    for user, sequence in histories(train).items():
+        positions = range(min_history, len(sequence))
+        if max_per_user is not None:
+            positions = positions[-max_per_user:]
+        for t in positions:
+            queries.append(user_text(rows[user], sequence[:t], titles, n_recent, template))
+            targets.append(sequence[t])
+            owners.append(user)
+            seen.append(np.asarray(sequence[:t], dtype=np.int64))
+    return PairSet(
+        queries,
+        np.asarray(targets, dtype=np.int64),
+        list(item_texts),
+        np.asarray(owners, dtype=np.int64),
+        seen,
+    )
+
+
+def holdout_pairs(
+    train: pd.DataFrame,
+    heldout: pd.DataFrame,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    item_texts: list[str],
+    n_recent: int = 10,
+    template: str = DEFAULT_USER_TEMPLATE,
+) -> PairSet:
+    """Validation pairs: the whole training history as query, the first held-out item as target.
+
+    Users without a held-out interaction are skipped; users without training items query with
+    demographics alone (a cold-start user).
+    """
+    _check_candidates(items, item_texts)
+    titles = item_titles(items)
+    rows = {int(r["user"]): r for r in users.to_dict("records")}
+    history = histories(train)
+    queries: list[str] = []
+    targets: list[int] = []
+    owners: list[int] = []
+    seen: list[np.ndarray] = []
+    for user, sequence in histories(heldout).items():
+        past = history.get(user, [])
+        queries.append(user_text(rows[user], past, titles, n_recent, template))
+        targets.append(sequence[0])
+        owners.append(user)
+        seen.append(np.asarray(past, dtype=np.int64))
+    return PairSet(
+        queries,
+        np.asarray(targets, dtype=np.int64),
+        list(item_texts),
+        np.asarray(owners, dtype=np.int64),
+        seen,
+    )
