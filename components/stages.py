@@ -202,15 +202,12 @@ def run_mine(paths: Paths, cfg: Config, miner: Miner) -> None:
         result = miner(paths.graph, paths.split, cfg.mine, cfg.seed)
         mine_seconds = time.perf_counter() - start
         features = None
-        if cfg.mine.candidates_per_user:
-            spec = mining.ContextSpec(
-                str(paths.graph),
-                str(paths.split),
-                cfg.mine.weighting,
-                cfg.mine.damping,
-                cfg.mine.suffix_budget_mb << 20,
+        if not result["selected"]:
+            mlflow.set_tag(
+                "metarec.metapaths.warning", "no metapath improved validation NDCG; no features exported"
             )
-            ctx = mining.load_context(spec)
+        elif cfg.mine.candidates_per_user:
+            ctx = mining.load_context(mining.ContextSpec.for_inputs(paths.graph, paths.split, cfg.mine))
             schema = ctx.counter.graph.schema
             from components.metapaths.schema import parse
 
@@ -243,14 +240,10 @@ def explain_pair(paths: Paths, user_id: str, item_id: str, top_n: int = 3) -> li
     if not (paths.metapaths / report.METAPATHS_FILE).exists():
         raise FileNotFoundError(f"no mined metapaths in {paths.metapaths}; run `metarec run` first")
     cfg = load_config(paths.params)
-    spec = mining.ContextSpec(
-        str(paths.graph),
-        str(paths.split),
-        cfg.mine.weighting,
-        cfg.mine.damping,
-        cfg.mine.suffix_budget_mb << 20,
-    )
-    ctx = mining.load_context(spec)
+    # Score with the weighting the metapaths were mined with, even if params.yaml changed since.
+    mined = read_json(paths.metapaths / report.METAPATHS_FILE)
+    mine_cfg = cfg.mine.model_copy(update={"weighting": mined["weighting"], "damping": mined["damping"]})
+    ctx = mining.load_context(mining.ContextSpec.for_inputs(paths.graph, paths.split, mine_cfg))
     graph = ctx.counter.graph
     users = {u: k for k, u in enumerate(graph.node_ids["user"])}
     items = {i: k for k, i in enumerate(graph.node_ids["item"])}

@@ -33,8 +33,10 @@ def setup(workspace: Path, experiment: str, configured_uri: str = "") -> str:
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         return str(found.experiment_id)
+    # With the workspace's own store, artifacts live beside it; a configured server decides for itself.
+    location = None if configured_uri else artifact_root(workspace)
     try:
-        return str(mlflow.create_experiment(experiment, artifact_location=artifact_root(workspace)))
+        return str(mlflow.create_experiment(experiment, artifact_location=location))
     except Exception:  # another process created it between our lookup and create
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:

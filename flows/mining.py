@@ -53,7 +53,7 @@ def score_block(
 def mine_metapaths(graph_dir: str, split_dir: str, cfg: MineConfig, seed: int) -> dict[str, Any]:
     """Enumerate, count, score and select metapaths; return the mining report (features excluded)."""
     logger = get_run_logger()
-    spec = mining.ContextSpec(graph_dir, split_dir, cfg.weighting, cfg.damping, cfg.suffix_budget_mb << 20)
+    spec = mining.ContextSpec.for_inputs(Path(graph_dir), Path(split_dir), cfg)
     ctx = mining.load_context(spec)
     candidates = enumerate_metapaths(
         ctx.counter.graph.schema, cfg.max_length, include=cfg.include, exclude=cfg.exclude

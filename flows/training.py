@@ -39,7 +39,7 @@ fetch_stage = run_stage.with_options(retries=2, retry_delay_seconds=10)
 
 @flow(name="training", log_prints=True)
 def training(workspace: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run fetch → ingest → build_kg → split → train → evaluate and return the run id and metrics."""
+    """Run the DVC stages (fetch → … → evaluate, see STAGES) and return the run id and metrics."""
     from metarec.config import Config
 
     cfg = Config.model_validate(prepare(workspace, overrides or []))

@@ -36,6 +36,14 @@ def _workspace(value: Path | None) -> Path:
     return value.resolve() if value is not None else default_workspace()
 
 
+def _configured_uri(ws: Path) -> str:
+    """The workspace's ``tracking.uri`` (empty: its own sqlite store)."""
+    from metarec.config import load_config
+
+    params = ws / "params.yaml"
+    return load_config(params).tracking.uri if params.exists() else ""
+
+
 def _fail(message: str) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code=1)
@@ -103,7 +111,9 @@ def run(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="fetch | ingest | build_kg | split | train | evaluate")],
+    name: Annotated[
+        str, typer.Argument(help="fetch | ingest | build_kg | split | mine | encode | train | evaluate")
+    ],
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Run one pipeline stage in a workspace (this is what dvc.yaml calls)."""
@@ -187,9 +197,10 @@ def leaderboard(
     from components.tracking import metric_name, tracking_uri
 
     ws = _workspace(workspace)
-    if not (ws / "mlflow.db").exists():
+    configured = _configured_uri(ws)
+    if not configured and not (ws / "mlflow.db").exists():
         raise _fail(f"no MLflow store in {ws}; run `metarec run` first")
-    mlflow.set_tracking_uri(tracking_uri(ws))
+    mlflow.set_tracking_uri(tracking_uri(ws, configured))
     runs = mlflow.search_runs(
         search_all_experiments=True,
         filter_string="tags.`metarec.flow` = 'training'",
@@ -222,6 +233,9 @@ def ui(
     from components.tracking import artifact_root, tracking_uri
 
     ws = _workspace(workspace)
+    configured = _configured_uri(ws)
+    if configured:
+        raise _fail(f"this workspace tracks to {configured} (tracking.uri); open that server's UI instead")
     cmd = [
         sys.executable,
         "-m",

@@ -182,7 +182,9 @@ def brute_force(graph: kg.HeteroGraph, path: Metapath, damping: float | None = N
 
 def check_all(graph: kg.HeteroGraph, paths: list[Metapath]) -> None:
     users = np.arange(len(graph.node_ids["user"]))
-    count, dwpc, pathsim = Counter(graph, "count"), Counter(graph, "dwpc", 0.4), Counter(graph, "pathsim")
+    # count uses cached suffix products (low_rank=0), the others the per-block chain on these small graphs.
+    count = Counter(graph, "count", low_rank=0)
+    dwpc, pathsim = Counter(graph, "dwpc", 0.4), Counter(graph, "pathsim")
     for path in paths:
         expected = brute_force(graph, path)
         np.testing.assert_allclose(count.block(path, users), expected, err_msg=path.id)
@@ -222,11 +224,19 @@ def test_counts_match_brute_force_on_random_graphs(tmp_path: Path, seed: int) ->
 def test_blocks_equal_one_shot_and_suffix_cache_is_exact(tiny: tuple[kg.HeteroGraph, ingest.Dataset]) -> None:
     graph, _ = tiny
     users = np.arange(len(graph.node_ids["user"]))
-    cached, chained = Counter(graph, "dwpc"), Counter(graph, "dwpc", suffix_budget_bytes=0)
+    # low_rank=0: the tiny graph's narrow middles would otherwise skip the suffix cache entirely.
+    cached = Counter(graph, "dwpc", low_rank=0)
+    chained = Counter(graph, "dwpc", suffix_budget_bytes=0)
+    # Room for about one dense 8x8 suffix: later ones are chained per block or replace narrower ones.
+    tight = Counter(graph, "dwpc", suffix_budget_bytes=8 * 8 * 8 + 64, low_rank=0)
     for path in enumerate_metapaths(graph.schema, 4):
         whole = cached.block(path, users)
         np.testing.assert_allclose(np.vstack([cached.block(path, np.array([u])) for u in users]), whole)
         np.testing.assert_allclose(chained.block(path, users), whole)
+        np.testing.assert_allclose(tight.block(path, users), whole)
+        assert tight._cached_bytes <= tight.suffix_budget_bytes
+    assert any(v is not None for v in cached._suffix.values())  # the cached path was exercised
+    assert all(v is None for v in chained._suffix.values())
 
 
 # ---------------------------------------------------------------- mining
@@ -358,3 +368,29 @@ def test_explanation_skips_unconnected_pairs(tiny: tuple[kg.HeteroGraph, ingest.
     counter = Counter(graph, "count")
     u1, i7 = idx(graph, "user", "u1"), idx(graph, "item", "i7")
     assert explain(counter, [parse(DIRECTOR, graph.schema)], u1, i7, Namer(graph, data.items)) == []
+
+
+def test_explanation_counts_match_brute_force(tiny: tuple[kg.HeteroGraph, ingest.Dataset]) -> None:
+    graph, _ = tiny
+    counter = Counter(graph, "count")
+    for spec in (CF, DIRECTOR, "user.occupation|~user.occupation|interacted"):
+        path = parse(spec, graph.schema)
+        mats = [graph.matrix(k).tocsr() for k in path.keys]
+
+        def walks(
+            nodes: list[tuple[str, int]], step: int, target: int, path: Metapath = path, mats: list = mats
+        ) -> int:
+            if step == path.length:
+                return int(nodes[-1][1] == target)
+            m = mats[step]
+            total = 0
+            for nxt in m.indices[m.indptr[nodes[-1][1]] : m.indptr[nodes[-1][1] + 1]]:
+                node = (path.types[step + 1], int(nxt))
+                if node not in nodes:  # a node is its type and index together
+                    total += walks([*nodes, node], step + 1, target)
+            return total
+
+        for u in range(len(graph.node_ids["user"])):
+            for i in range(len(graph.node_ids["item"])):
+                total, _ = instances(counter, path, u, i, top_n=1)
+                assert total == walks([("user", u)], 0, i), (spec, u, i)

@@ -49,9 +49,7 @@ def test_flow_matches_serial_map(saved: tuple[Path, Path]) -> None:
         str(graph_dir), str(split_dir), CFG, 0
     )
 
-    spec = mining.ContextSpec(
-        str(graph_dir), str(split_dir), CFG.weighting, CFG.damping, CFG.suffix_budget_mb << 20
-    )
+    spec = mining.ContextSpec.for_inputs(graph_dir, split_dir, CFG)
     ctx = mining.load_context(spec)
     candidates = enumerate_metapaths(ctx.counter.graph.schema, CFG.max_length)
     blocks = mining.validation_blocks(ctx.valid, CFG.sample_users, CFG.block_size, 0)

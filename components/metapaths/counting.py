@@ -19,6 +19,7 @@ chain is multiplied left to right per block.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,11 +62,14 @@ class Counter:
     weighting: Weighting = "dwpc"
     damping: float = 0.5
     suffix_budget_bytes: int = 2 << 30
+    low_rank: int = LOW_RANK
     _mats: dict[str, sp.csr_matrix] = field(default_factory=dict, init=False, repr=False)
     _suffix: dict[tuple[str, ...], sp.csr_matrix | np.ndarray | None] = field(
         default_factory=dict, init=False, repr=False
     )
     _cached_bytes: int = field(default=0, init=False, repr=False)
+    _inner: dict[tuple[str, ...], int] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _norms: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -87,24 +91,56 @@ class Counter:
         keys = path.keys[1:]
         if not keys:
             return None
+        # Thread-pool workers share this counter: one of them computes a suffix while the others
+        # wait, instead of each building its own multi-GB copy.
+        with self._lock:
+            return self._suffix_locked(keys)
+
+    def _suffix_locked(self, keys: tuple[str, ...]) -> sp.csr_matrix | np.ndarray | None:
         if keys not in self._suffix:
             n_rows = self.matrix(keys[0]).shape[0]
             n_items = self.matrix(keys[-1]).shape[1]
             inner = min(self.matrix(k).shape[0] for k in keys[1:]) if len(keys) > 1 else n_rows
-            if n_rows * n_items * 8 > self.suffix_budget_bytes or inner <= LOW_RANK:
+            if n_rows * n_items * 8 > self.suffix_budget_bytes or inner <= self.low_rank:
                 # Too big even dense, or a narrow middle (8 genres) that makes the per-block chain
                 # cheaper than an items×items product: multiply the chain per user block instead.
                 self._suffix[keys] = None
                 return None
+            if not self._make_room(n_rows * n_items * 8, inner):
+                self._suffix[keys] = None
+                return None
             product = self._chunked_product(keys, n_rows)
-            size = _nbytes(product)
-            if self._cached_bytes + size > self.suffix_budget_bytes:
-                # Keep the cache within budget: forget earlier suffixes (they are recomputable).
-                self._suffix = {k: None for k, v in self._suffix.items() if v is None}
-                self._cached_bytes = 0
             self._suffix[keys] = product
-            self._cached_bytes += size
+            self._inner[keys] = inner
+            self._cached_bytes += _nbytes(product)
         return self._suffix[keys]
+
+    def _make_room(self, size: int, inner: int) -> bool:
+        """Free budget for a suffix of ``size`` bytes; False if it should not be cached.
+
+        Suffixes are used block after block and candidate after candidate, so evicting one to cache
+        another would recompute both over and over. A cached suffix is only given up for one whose
+        per-block chain would be costlier (a wider middle: users rather than entities).
+        """
+        if self._cached_bytes + size <= self.suffix_budget_bytes:
+            return True
+        victims = sorted(
+            (k for k, v in self._suffix.items() if v is not None and self._inner[k] < inner),
+            key=lambda k: self._inner[k],
+        )
+        freed = 0
+        chosen = []
+        for key in victims:
+            if self._cached_bytes - freed + size <= self.suffix_budget_bytes:
+                break
+            chosen.append(key)
+            freed += _nbytes(self._suffix[key])
+        if self._cached_bytes - freed + size > self.suffix_budget_bytes:
+            return False
+        for key in chosen:
+            self._suffix[key] = None
+        self._cached_bytes -= freed
+        return True
 
     def _chunked_product(self, keys: tuple[str, ...], n_rows: int) -> sp.csr_matrix | np.ndarray:
         # Row chunks bound the sparse intermediates: an item×user×item product can be nearly dense,

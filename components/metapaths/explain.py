@@ -105,13 +105,9 @@ def instances(
         row = mats[step].indices[mats[step].indptr[nodes[-1]] : mats[step].indptr[nodes[-1] + 1]]
         wrow = weights[step].getrow(nodes[-1]).toarray().ravel()
         for nxt in row[reach[step + 1][row]]:
-            # A walk that revisits a node (you → film → you) is a degenerate instance; skip it.
-            if (
-                path.types[step + 1] == path.types[0]
-                and nxt == nodes[0]
-                or int(nxt) in nodes[1:]
-                and path.types[step + 1] in (path.types[k] for k in range(1, step + 1))
-            ):
+            # A walk that revisits a node (you → film → you) is a degenerate instance; skip it. Nodes
+            # are the same only when both type and index match.
+            if any(path.types[k] == path.types[step + 1] and nodes[k] == nxt for k in range(step + 1)):
                 continue
             walk(step + 1, [*nodes, int(nxt)], weight * float(wrow[nxt] or 1.0))
 

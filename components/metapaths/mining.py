@@ -15,6 +15,7 @@ result does not depend on which.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,23 @@ class ContextSpec:
     weighting: Weighting
     damping: float
     suffix_budget_bytes: int
+    # Content version of the inputs (sizes and mtimes): a long-lived worker that cached the previous
+    # run's graph must not reuse it after the stage outputs were replaced at the same paths.
+    version: str = ""
+
+    @classmethod
+    def for_inputs(cls, graph_dir: Path, split_dir: Path, cfg: Any) -> ContextSpec:
+        """The spec for a workspace's graph and split under a ``MineConfig``."""
+        files = [
+            graph_dir / "graph.json",
+            graph_dir / "relations.npz",
+            split_dir / "train.parquet",
+            split_dir / "valid.parquet",
+        ]
+        version = ";".join(f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files if p.exists())
+        return cls(
+            str(graph_dir), str(split_dir), cfg.weighting, cfg.damping, cfg.suffix_budget_mb << 20, version
+        )
 
 
 @dataclass
@@ -280,10 +298,16 @@ class Context:
 
 
 _CONTEXTS: dict[ContextSpec, Context] = {}
+_CONTEXT_LOCK = threading.Lock()
 
 
 def load_context(spec: ContextSpec) -> Context:
     """Load (once per process) the graph with training interactions and the split matrices."""
+    with _CONTEXT_LOCK:
+        return _load_context_locked(spec)
+
+
+def _load_context_locked(spec: ContextSpec) -> Context:
     if spec not in _CONTEXTS:
         from components.kg import load_graph, with_interactions
         from components.split import load_split, to_matrix
