@@ -16,7 +16,9 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
+	# torch first and pinned: on this machine kind pip serves torch 2.13.0's CPU wheel from local disk,
+	# while an unpinned torch would pull a multi-GB CUDA build. Elsewhere, set PIP_EXTRA_INDEX_URL to a
+	# CPU wheel index before `make`.
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
