@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from components.metapaths.counting import Counter, Weighting
 from components.metapaths.schema import Metapath
-from components.metrics import hits_matrix
+from components.metrics import _ndcg, _recall, hits_matrix
 from components.ranking import topk_items
 
 NDCG_K = 10
@@ -69,12 +69,8 @@ def _ranking_sums(scores: np.ndarray, exclude: sp.csr_matrix, truth: sp.csr_matr
     top_scores = np.take_along_axis(scores, np.clip(top, 0, None), axis=1)
     hits &= (top >= 0) & (top_scores > 0)
     n_truth = np.diff(truth.indptr)
-    kn = min(NDCG_K, k)
-    discounts = 1.0 / np.log2(np.arange(2, kn + 2))
-    dcg = (hits[:, :kn] * discounts).sum(axis=1)
-    idcg = np.cumsum(discounts)[np.minimum(n_truth, kn) - 1]
-    recall = hits[:, :k].sum(axis=1) / n_truth
-    return float((dcg / idcg).sum()), float(recall.sum())
+    # The metric definitions are the evaluation's own, applied to this masked hits matrix.
+    return float(_ndcg(hits, n_truth, min(NDCG_K, k)).sum()), float(_recall(hits, n_truth, k).sum())
 
 
 def normalise_rows(scores: np.ndarray) -> np.ndarray:
