@@ -453,8 +453,6 @@ def run_evaluate(paths: Paths, cfg: Config) -> dict[str, Any]:
             "valid": results["valid"]["overall"],
             "test": results["test"]["overall"],
         }
-        write_json(paths.metrics, summary)
-        write_json(paths.evaluation, results)
         for part, result in results.items():
             mlflow.log_metrics(
                 {
@@ -465,6 +463,9 @@ def run_evaluate(paths: Paths, cfg: Config) -> dict[str, Any]:
             )
         _log_json("evaluation.json", results)
         _log_figure(slice_figure(results["test"], cfg.eval.primary, cfg.model.name), "test_slices.png")
+        # Files last: a failure above leaves the previous metrics and evaluation side by side.
+        write_json(paths.evaluation, results)
+        write_json(paths.metrics, summary)
         return summary
 
 

@@ -17,8 +17,9 @@ from typing import Any
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds.
 
-    The old ``target`` is kept until the new one is complete, then swapped in by rename, so readers
-    see either the old or the new output and an exception leaves the old output untouched.
+    The old ``target`` is kept until the new one is complete, then swapped in by two renames (old
+    aside, new in), so an exception leaves the old output untouched and a reader sees the old or the
+    new output, or — for the instant between the renames — none; never a partial one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,8 @@ def metrics_table(metrics: dict[str, dict[str, float]], title: str) -> Table:
     names = [k for k in metrics[parts[0]] if k != "n_users"] + ["n_users"]
     for name in names:
         row = [metrics[p].get(name) for p in parts]
-        table.add_row(name, *(f"{v:.0f}" if name == "n_users" else f"{v:.4f}" for v in row if v is not None))
+        cells = ("—" if v is None else f"{v:.0f}" if name == "n_users" else f"{v:.4f}" for v in row)
+        table.add_row(name, *cells)
     return table
 
 
@@ -161,7 +162,7 @@ def explain(
     user: Annotated[str, typer.Option("--user", "-u", help="User id (as in the dataset).")],
     item: Annotated[str, typer.Option("--item", "-i", help="Item id (as in the dataset).")],
     workspace: WorkspaceOpt = None,
-    top: Annotated[int, typer.Option(help="Path instances shown per metapath.")] = 3,
+    top: Annotated[int, typer.Option(min=1, help="Path instances shown per metapath.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Explain why an item fits a user: path instances along the selected metapaths."""
