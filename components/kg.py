@@ -77,7 +77,8 @@ class HeteroGraph:
         }
 
 
-def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+def binary_matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A float32 CSR matrix with 1.0 at every (row, col) pair, however often the pair repeats."""
     data = np.ones(len(rows), dtype=np.float32)
     matrix = sp.csr_matrix((data, (rows, cols)), shape=shape)
     matrix.sum_duplicates()
@@ -118,7 +119,7 @@ def _add_attribute(
     position = {v: i for i, v in enumerate(ids)}
     graph.node_ids[type_name] = ids
     name = f"{src_type}.{type_name}"
-    matrix = _csr(
+    matrix = binary_matrix(
         np.asarray(rows, dtype=np.int64),
         np.asarray([position[v] for v in values], dtype=np.int64),
         (len(table), len(ids)),
@@ -231,7 +232,7 @@ def _add_kg(
         cols = np.fromiter((position[e] for _, e in edge_set), dtype=np.int64, count=len(edge_set))
         graph.node_ids[type_name] = ids
         graph.relations[canonical] = Relation(
-            canonical, "item", type_name, _csr(rows, cols, (n_items, len(ids))), sorted(members)
+            canonical, "item", type_name, binary_matrix(rows, cols, (n_items, len(ids))), sorted(members)
         )
         merged.append(
             {
@@ -248,7 +249,7 @@ def _add_kg(
     for r in sorted(item_pairs):
         src = np.fromiter((a for a, _ in item_pairs[r]), dtype=np.int64)
         dst = np.fromiter((b for _, b in item_pairs[r]), dtype=np.int64)
-        matrix = _csr(src, dst, (n_items, n_items))
+        matrix = binary_matrix(src, dst, (n_items, n_items))
         if any((matrix != other.T).nnz == 0 for other in kept.values()):
             continue
         kept[r] = matrix

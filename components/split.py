@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from components.kg import binary_matrix
 from components.storage import atomic_dir, write_json
 from metarec.config import SplitConfig
 
@@ -135,8 +136,4 @@ def load_split(src: Path) -> Split:
 
 def to_matrix(frame: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
     """Binary user×item CSR matrix of a part (every interaction counts once, ratings ignored)."""
-    data = np.ones(len(frame), dtype=np.float32)
-    matrix = sp.csr_matrix((data, (frame.user.to_numpy(), frame.item.to_numpy())), shape=(n_users, n_items))
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
-    return matrix
+    return binary_matrix(frame.user.to_numpy(), frame.item.to_numpy(), (n_users, n_items))
