@@ -1,4 +1,4 @@
-"""Baseline recommenders (popularity, item-kNN, BPR-MF) with pickle-free persistence.
+"""Baseline recommenders (popularity, item-kNN, BPR-MF, EASE) with pickle-free persistence.
 
 All models train on a binary implicit matrix ``train`` (users x items, CSR) and score the full
 catalogue for a batch of users. A saved model is a directory holding ``model.json`` (name, config,
@@ -9,6 +9,7 @@ shapes) and ``arrays.npz`` (numpy arrays) or, for a sparse item-kNN similarity,
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
@@ -570,10 +571,134 @@ class BPRRecommender(_NotFittedMixin):
         return model
 
 
-MODEL_CLASSES: dict[str, type[PopRecommender] | type[ItemKNNRecommender] | type[BPRRecommender]] = {
+class EASERecommender(_NotFittedMixin):
+    """Embarrassingly Shallow Autoencoder (Steck, 2019): a closed-form item-item linear model.
+
+    ``B = argmin ||X - XB||^2 + l2 ||B||^2`` subject to ``diag(B) = 0`` is, with ``G = XᵀX + l2·I``
+    and ``P = G⁻¹``, ``B_ij = -P_ij / P_jj`` for ``i != j``; a user's scores are ``history @ B``.
+    Fitting inverts a dense ``n_items x n_items`` matrix, so memory grows with ``n_items²`` (about
+    8 bytes per entry while fitting, 4 once stored) and time with ``n_items³``.
+    """
+
+    name: str = "ease"
+
+    # 500 is the usual starting point for ml-100k-sized data, but on ml-100k validation NDCG@10
+    # l2=100 scored best (50: 0.137, 100: 0.140, 200: 0.139, 500: 0.132, 1000: 0.126, 2000: 0.124).
+    DEFAULT_L2: ClassVar[float] = 100.0
+
+    def __init__(self, l2: float = DEFAULT_L2) -> None:
+        """Configure the model.
+
+        Args:
+            l2: Ridge penalty added to the diagonal of the item Gram matrix; larger values shrink
+                the item-item weights towards zero.
+
+        Raises:
+            ValueError: If ``l2`` is not a finite positive number.
+        """
+        if isinstance(l2, bool) or not isinstance(l2, int | float | np.integer | np.floating):
+            raise ValueError(f"l2 must be a positive number, got {l2!r}")
+        if not (math.isfinite(float(l2)) and float(l2) > 0):
+            raise ValueError(f"l2 must be a finite positive number, got {l2!r}")
+        self.l2 = float(l2)
+        self.n_users = 0
+        self.n_items = 0
+        self.weights = np.zeros((0, 0), dtype=np.float32)
+        self._train: sp.csr_matrix = sp.csr_matrix((0, 0), dtype=np.float32)
+
+    def get_config(self) -> dict[str, Any]:
+        """Return the constructor parameters."""
+        return {"l2": self.l2}
+
+    def fit(self, train: sp.csr_matrix) -> Self:
+        """Solve for the item-item weight matrix ``B`` in closed form.
+
+        Args:
+            train: Binary users x items CSR matrix; kept as the default scoring history.
+
+        Returns:
+            ``self``; the weights are in ``weights`` (float32, zero diagonal).
+        """
+        csr = _as_binary_csr(train, "train")
+        self.n_users, self.n_items = (int(s) for s in csr.shape)
+        self._train = csr
+        x64 = csr.astype(np.float64)
+        # Solve in float64: G's condition number grows as l2 shrinks, and float32 loses the
+        # small off-diagonal weights that carry the ranking.
+        gram = np.asarray((x64.T @ x64).toarray(), dtype=np.float64)
+        gram[np.diag_indices_from(gram)] += self.l2
+        precision = np.linalg.inv(gram)
+        weights = precision / (-np.diag(precision))[None, :]
+        np.fill_diagonal(weights, 0.0)
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self._fitted = True
+        return self
+
+    def score(self, users: np.ndarray, history: sp.csr_matrix | None = None) -> np.ndarray:
+        """Score all items for ``users`` as ``history @ B``.
+
+        Args:
+            users: 1-D int array of row indices into ``history`` (or the training matrix).
+            history: Optional users x items matrix (e.g. train + validation) whose rows replace the
+                training rows as each user's history; it is binarised.
+
+        Returns:
+            Float32 array ``(len(users), n_items)``.
+
+        Raises:
+            ValueError: If ``history`` has the wrong number of item columns or ``users`` is out of range.
+        """
+        self._require_fitted()
+        if history is None:
+            hist = self._train
+        else:
+            if not sp.issparse(history) or history.shape[1] != self.n_items:
+                raise ValueError(
+                    f"history must be a sparse matrix with {self.n_items} item columns, got "
+                    f"{getattr(history, 'shape', type(history).__name__)}"
+                )
+            hist = sp.csr_matrix(history)
+        idx = _check_users(users, int(hist.shape[0]))
+        rows = _as_binary_csr(hist[idx], "history")
+        return np.asarray(rows @ self.weights, dtype=np.float32)
+
+    def save(self, directory: Path) -> None:
+        """Write ``model.json``, the training history and ``B`` (``arrays.npz``) to ``directory``."""
+        self._require_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            directory / ARRAYS_NPZ,
+            weights=self.weights,
+            train_indptr=self._train.indptr,
+            train_indices=self._train.indices,
+        )
+        _write_model_json(directory, self.name, self.get_config(), self.n_users, self.n_items)
+
+    @classmethod
+    def load(cls, directory: Path) -> Self:
+        """Read a model written by :meth:`save`."""
+        meta = _read_model_json(directory, cls.name)
+        arrays = _load_arrays(directory)
+        model = cls(**meta["config"])
+        model.n_users, model.n_items = int(meta["n_users"]), int(meta["n_items"])
+        indices = arrays["train_indices"]
+        model._train = sp.csr_matrix(
+            (np.ones(indices.size, dtype=np.float32), indices, arrays["train_indptr"]),
+            shape=(model.n_users, model.n_items),
+        )
+        model.weights = arrays["weights"].astype(np.float32, copy=False)
+        model._fitted = True
+        return model
+
+
+MODEL_CLASSES: dict[
+    str, type[PopRecommender] | type[ItemKNNRecommender] | type[BPRRecommender] | type[EASERecommender]
+] = {
     PopRecommender.name: PopRecommender,
     ItemKNNRecommender.name: ItemKNNRecommender,
     BPRRecommender.name: BPRRecommender,
+    EASERecommender.name: EASERecommender,
 }
 
 
@@ -581,7 +706,7 @@ def build_model(name: str, params: Mapping[str, Any] | None, seed: int) -> Recom
     """Construct an unfitted recommender by name.
 
     Args:
-        name: One of ``"pop"``, ``"itemknn"``, ``"bpr"``.
+        name: One of ``"pop"``, ``"itemknn"``, ``"bpr"``, ``"ease"``.
         params: Constructor parameters of that model; ``None`` or empty for defaults.
         seed: Random seed, used by stochastic models (BPR) and ignored by deterministic ones.
 
@@ -605,6 +730,9 @@ def build_model(name: str, params: Mapping[str, Any] | None, seed: int) -> Recom
         allowed = {"dim", "lr", "reg", "epochs", "batch_size", "init_std", "num_threads", "on_epoch"}
         _reject_unknown(name, params, allowed)
         return BPRRecommender(seed=int(seed), **params)
+    if name == EASERecommender.name:
+        _reject_unknown(name, params, {"l2"})
+        return EASERecommender(**params)
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODEL_CLASSES)}")
 
 

@@ -21,7 +21,7 @@ from components import evaluate, fetch, ingest, kg, split, tracking
 from components.storage import atomic_dir, atomic_file, read_json, write_json
 from metarec.config import Config, MineConfig, load_config
 
-STAGES = ("fetch", "ingest", "build_kg", "split", "mine", "encode", "train", "evaluate")
+STAGES = ("fetch", "ingest", "build_kg", "split", "mine", "encode", "train", "evaluate", "export")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,10 @@ class Paths:
     @property
     def evaluation(self) -> Path:
         return self.root / "evaluation.json"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "models" / "bundle"
 
 
 def _log_json(name: str, data: Any) -> None:
@@ -376,6 +380,25 @@ def run_encode(paths: Paths, cfg: Config) -> None:
             }
             features.save_embeddings(tmp / "items", list(items.item_id.astype(str)), item_vectors, meta)
             features.save_embeddings(tmp / "users", list(users.user_id.astype(str)), user_vectors, meta)
+            # Profile-only texts (no watched titles): what the model knows of a user before any
+            # history, and the only user text that cannot leak the items the model learns to predict.
+            _, profile_vectors = features.encode_users(
+                encoder, users, parts.train.iloc[:0], items, text.n_recent, text.user_template, cache
+            )
+            features.save_embeddings(tmp / "profiles", list(users.user_id.astype(str)), profile_vectors, meta)
+            if adapter_dir is not None:
+                # The frozen encoder's vectors (cache hits) for the frozen-vs-fine-tuned ablation.
+                _, frozen_items = features.encode_items(
+                    frozen, items, graph, text.item_template, text.max_facts, cache, **verbalise
+                )
+                _, frozen_profiles = features.encode_users(
+                    frozen, users, parts.train.iloc[:0], items, text.n_recent, text.user_template, cache
+                )
+                frozen_meta = {**meta, "fingerprint": frozen.fingerprint, "finetuned": False}
+                ids = list(items.item_id.astype(str))
+                features.save_embeddings(tmp / "frozen" / "items", ids, frozen_items, frozen_meta)
+                user_ids = list(users.user_id.astype(str))
+                features.save_embeddings(tmp / "frozen" / "profiles", user_ids, frozen_profiles, frozen_meta)
             save_json(tmp / "validation_signal.json", signals)
         mlflow.log_text("\n".join(user_texts[:25]), "text_samples/users.txt")
         mlflow.log_metric("text.encode_seconds", seconds)
@@ -412,25 +435,107 @@ def model_params(cfg: Config) -> dict[str, Any]:
     return sub.model_dump() if sub is not None else {}
 
 
+def load_trained(directory: Path) -> Any:
+    """Load any trained model directory: the fusion model or a baseline."""
+    meta = json.loads((Path(directory) / "model.json").read_text(encoding="utf-8"))
+    if meta.get("name") == "metarec":
+        from components.model.recommender import MetarecRecommender
+
+        return MetarecRecommender.load(Path(directory))
+    from components import baselines  # torch: imported only by the stages that need it
+
+    return baselines.load_model(Path(directory))
+
+
+def fit_data(paths: Paths, frozen: bool = False) -> Any:
+    """The fusion model's inputs from this workspace's stage outputs."""
+    from components.model.fit import load_fit_data
+
+    return load_fit_data(paths.processed, paths.graph, paths.split, paths.metapaths, paths.text, frozen)
+
+
+def fit_metarec(data: Any, cfg: Config, log: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Train the fusion model, logging each epoch's loss and validation metrics when ``log``."""
+    import mlflow
+
+    from components.model.fit import fit
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        mlflow.log_metrics({f"epoch.{tracking.metric_name(k)}": v for k, v in row.items()}, step=epoch)
+
+    return fit(
+        data,
+        cfg.model.metarec,
+        cfg.mine.weighting,
+        cfg.mine.damping,
+        cfg.seed,
+        on_epoch if log else None,
+        config=cfg.model_dump(mode="json"),
+        age_buckets=list(cfg.kg.age_buckets),
+    )
+
+
 def run_train(paths: Paths, cfg: Config) -> None:
     """Fit the configured model on the training part and save it with its config."""
     with _run(paths, cfg, "train"):
         import mlflow
 
-        loaded = load_parts(paths)
-        params = model_params(cfg)
-        if cfg.model.name == "bpr":
-            params["on_epoch"] = lambda epoch, loss: mlflow.log_metric("train.loss", loss, step=epoch)
-        from components import baselines  # torch: imported only by the stages that need it
-
-        model = baselines.build_model(cfg.model.name, params, cfg.seed)
         start = time.perf_counter()
-        model.fit(loaded.data.train)
+        if cfg.model.name == "metarec":
+            model, summary = fit_metarec(fit_data(paths), cfg)
+            mlflow.log_metrics(
+                {
+                    "train.best_epoch": summary["best_epoch"],
+                    "train.epochs_run": summary["epochs_run"],
+                    "train.fit_targets": summary["fit_targets"],
+                }
+            )
+            mlflow.log_dict({k: v for k, v in summary.items()}, "train_summary.json")
+            mlflow.set_tag("metarec.model.channels", " ; ".join(summary["channels"]))
+        else:
+            loaded = load_parts(paths)
+            params = model_params(cfg)
+            if cfg.model.name == "bpr":
+                params["on_epoch"] = lambda epoch, loss: mlflow.log_metric("train.loss", loss, step=epoch)
+            from components import baselines  # torch: imported only by the stages that need it
+
+            model = baselines.build_model(cfg.model.name, params, cfg.seed)
+            model.fit(loaded.data.train)
         mlflow.log_metric("train.seconds", time.perf_counter() - start)
         with atomic_dir(paths.model) as tmp:
             model.save(tmp)
             write_json(tmp / "config.json", cfg.model_dump(mode="json"))
         mlflow.log_artifacts(str(paths.model), artifact_path="model")
+
+
+def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = False) -> dict[str, Any]:
+    """Refit the configured model with a seeded share of items made cold and evaluate it there.
+
+    Returns the cold-items-only ranking metrics (``cold``) and the warm test metrics of the refitted
+    model ranking the full catalogue, cold items included (``mixed``).
+    """
+    from components import coldstart
+
+    data = loaded.data
+    cold = coldstart.cold_item_split(data.train, data.valid, data.test, cfg.eval.cold_fraction, cfg.seed)
+    if cfg.model.name == "metarec":
+        model, _ = fit_metarec(fit_data(paths, frozen).without_items(cold.cold_items), cfg, log=False)
+    else:
+        from components import baselines
+
+        model = baselines.build_model(cfg.model.name, model_params(cfg), cfg.seed).fit(cold.train)
+    result = coldstart.evaluate_cold(
+        lambda block: model.score(block, history=cold.train), cold, cfg.eval.ks, seed=cfg.seed
+    )
+    mixed = evaluate.evaluate(
+        model,
+        evaluate.EvalData(cold.train, cold.valid, data.test),
+        "test",
+        cfg.eval.ks,
+        cfg.eval.activity_buckets,
+        cfg.eval.block_size,
+    )
+    return {"cold": result, "mixed": mixed["overall"]}
 
 
 def run_evaluate(paths: Paths, cfg: Config) -> dict[str, Any]:
@@ -439,21 +544,32 @@ def run_evaluate(paths: Paths, cfg: Config) -> dict[str, Any]:
         import mlflow
 
         loaded = load_parts(paths)
-        from components import baselines
-
-        model = baselines.load_model(paths.model)
+        model = load_trained(paths.model)
         results = {
             part: evaluate.evaluate(
                 model, loaded.data, part, cfg.eval.ks, cfg.eval.activity_buckets, cfg.eval.block_size
             )
             for part in ("valid", "test")
         }
-        summary = {
+        summary: dict[str, Any] = {
             "model": cfg.model.name,
             "valid": results["valid"]["overall"],
             "test": results["test"]["overall"],
         }
-        for part, result in results.items():
+        if cfg.eval.cold_fraction > 0:
+            try:
+                cold = cold_protocol(paths, cfg, loaded)
+            except ValueError as err:  # e.g. no test user on a cold item in a tiny dataset
+                mlflow.set_tag("metarec.cold.skipped", str(err))
+            else:
+                results["cold"] = cold
+                summary["cold"] = cold["cold"]["overall"]
+                summary["mixed"] = cold["mixed"]
+                mlflow.log_metrics(
+                    {f"cold.{tracking.metric_name(k)}": float(v) for k, v in cold["cold"]["overall"].items()}
+                    | {f"mixed.{tracking.metric_name(k)}": float(v) for k, v in cold["mixed"].items()}
+                )
+        for part, result in ((p, results[p]) for p in ("valid", "test")):
             mlflow.log_metrics(
                 {
                     tracking.metric_name(k): v
@@ -467,6 +583,67 @@ def run_evaluate(paths: Paths, cfg: Config) -> dict[str, Any]:
         write_json(paths.evaluation, results)
         write_json(paths.metrics, summary)
         return summary
+
+
+def run_export(paths: Paths, cfg: Config) -> None:
+    """Export the fusion model to the ONNX serving bundle (``models/bundle``), failing on a parity breach.
+
+    A baseline writes only a skip marker there: only the fusion model is served and registered. The
+    bundle is renamed into place only after every check passed, so a failure keeps the previous one.
+    Logged: the parity numbers, scorer latency, encoder throughput, file sizes and the model card.
+    """
+    with _run(paths, cfg, "export"):
+        import mlflow
+
+        from components import export
+
+        if cfg.model.name != "metarec":
+            with atomic_dir(paths.bundle) as tmp:
+                export.write_skip(tmp, cfg.model.name)
+            mlflow.set_tag("metarec.export.skipped", f"model.name={cfg.model.name}")
+            return
+        start = time.perf_counter()
+        with export.make_work_dir(paths) as work, atomic_dir(paths.bundle) as tmp:
+            manifest = export.export_bundle(paths, cfg, tmp, Path(work))
+        metrics = manifest["metrics"]
+        mlflow.log_metrics(
+            {
+                f"export.{section}.{key}": float(value)
+                for section in ("parity", "latency", "sizes")
+                for key, value in metrics[section].items()
+                if isinstance(value, int | float)
+            }
+            | {"export.seconds": time.perf_counter() - start}
+        )
+        mlflow.log_text(manifest["model_card"], "model_card.md")
+        mlflow.log_dict(metrics, "bundle_metrics.json")
+
+
+def evaluate_variant(paths: Paths, cfg: Config, frozen: bool = False) -> dict[str, Any]:
+    """Fit the configured model (in memory, nothing saved) and evaluate it warm and cold.
+
+    Returns valid/test/cold/mixed overall metrics and the fit summary; the caller logs them.
+    """
+    loaded = load_parts(paths)
+    start = time.perf_counter()
+    summary: dict[str, Any] = {}
+    if cfg.model.name == "metarec":
+        model, summary = fit_metarec(fit_data(paths, frozen), cfg, log=False)
+    else:
+        from components import baselines
+
+        model = baselines.build_model(cfg.model.name, model_params(cfg), cfg.seed).fit(loaded.data.train)
+    out: dict[str, Any] = {"fit_seconds": time.perf_counter() - start}
+    for part in ("valid", "test"):
+        result = evaluate.evaluate(model, loaded.data, part, cfg.eval.ks, cfg.eval.activity_buckets)
+        out[part] = result["overall"]
+    if cfg.eval.cold_fraction > 0:
+        cold = cold_protocol(paths, cfg, loaded, frozen)
+        out["cold"] = cold["cold"]["overall"]
+        out["cold_random_recall@20"] = cold["cold"].get("random_recall@20")
+        out["mixed"] = cold["mixed"]
+    out["best_epoch"] = summary.get("best_epoch")
+    return out
 
 
 def slice_figure(result: dict[str, Any], metric: str, model: str) -> Any:
@@ -558,6 +735,7 @@ def run_stage(name: str, workspace: Path, miner: Miner | None = None) -> None:
         "encode": run_encode,
         "train": run_train,
         "evaluate": run_evaluate,
+        "export": run_export,
     }
     if name not in runners:
         raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")

@@ -37,6 +37,21 @@ def run_stage(workspace: str, stage: str, parent_run_id: str) -> dict[str, Any]:
 fetch_stage = run_stage.with_options(retries=2, retry_delay_seconds=10)
 
 
+@task(name="register-and-gate", retries=2, retry_delay_seconds=5)
+def register(workspace: str, run_id: str) -> dict[str, Any]:
+    """Register the exported bundle as challenger, gate it against the champion, promote if it passes."""
+    from registry.store import register_and_gate
+
+    bundle = Paths(Path(workspace)).root / "models" / "bundle"
+    outcome = register_and_gate(workspace, bundle, run_id)
+    logger = get_run_logger()
+    verdict = "promoted to champion" if outcome["promoted"] else "kept as challenger"
+    logger.info("registered version %s: %s", outcome["version"], verdict)
+    for reason in outcome["reasons"]:
+        logger.info("gate: %s", reason)
+    return outcome
+
+
 @flow(name="training", log_prints=True)
 def training(workspace: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the DVC stages (fetch → … → evaluate, see STAGES) and return the run id and metrics."""
@@ -58,4 +73,8 @@ def training(workspace: str, overrides: list[str] | None = None) -> dict[str, An
             outcomes.append(runner(workspace, stage, run.info.run_id))
         metrics = read_metrics(Paths(root))
         tracking.log_run_summary(root, metrics, outcomes)
-    return {"run_id": run.info.run_id, "metrics": metrics, "stages": outcomes}
+    result: dict[str, Any] = {"run_id": run.info.run_id, "metrics": metrics, "stages": outcomes}
+    # Only the fusion model exports a servable bundle; baselines are compared offline.
+    if cfg.model.name == "metarec" and cfg.registry.enabled:
+        result["registry"] = register(workspace, run.info.run_id)
+    return result

@@ -6,7 +6,7 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -71,10 +71,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def metrics_table(metrics: dict[str, dict[str, float]], title: str) -> Table:
-    """Render valid/test metrics as a table, one row per metric."""
+    """Render metrics of each part (valid, test, mixed, cold) as columns, one row per metric."""
     table = Table(title=title)
     table.add_column("metric")
-    parts = [p for p in ("valid", "test") if p in metrics]
+    parts = [p for p in ("valid", "test", "mixed", "cold") if p in metrics]
     for part in parts:
         table.add_column(part, justify="right")
     names = [k for k in metrics[parts[0]] if k != "n_users"] + ["n_users"]
@@ -107,7 +107,35 @@ def run(
     console.print(f"stages run: {', '.join(ran) or 'none (all up to date)'}")
     metrics = {k: v for k, v in result["metrics"].items() if k in ("valid", "test")}
     console.print(metrics_table(metrics, f"{result['metrics']['model']} — full ranking"))
+    if "cold" in result["metrics"]:
+        cold = {k: result["metrics"][k] for k in ("mixed", "cold")}
+        title = "cold-item protocol: test, full ranking (mixed) and cold items only (cold)"
+        console.print(metrics_table(cold, title))
+    if "registry" in result:
+        outcome = result["registry"]
+        verdict = "promoted to champion" if outcome["promoted"] else "kept as challenger (gate refused)"
+        console.print(f"registered model version {outcome['version']}: {verdict}")
     console.print(f"metrics written to {ws / 'metrics.json'}")
+
+
+@app.command()
+def ablate(
+    workspace: WorkspaceOpt = None,
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", help="Run only these variants (repeatable).")
+    ] = None,
+) -> None:
+    """Fit and evaluate the ablation variants and baselines (needs a workspace after `metarec run`)."""
+    from flows.ablation import ablations
+
+    ws = _workspace(workspace)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        result = ablations(workspace=str(ws), variants=list(variant or []) or None)
+    except _known_errors() as exc:
+        raise _fail(str(exc)) from None
+    console.print(result["table"])
+    console.print(f"written to {ws / 'ablations.md'}; MLflow experiment <experiment>-ablations")
 
 
 @app.command()
@@ -256,6 +284,112 @@ def ui(
     ]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (store {tracking_uri(ws)})")
     os.execv(sys.executable, cmd)  # become the server: signals (SIGTERM) reach it, no orphan is left
+
+
+registry_app = typer.Typer(
+    help="Model registry: bundle versions, champion/challenger aliases, gated promotion, rollback.",
+    no_args_is_help=True,
+)
+app.add_typer(registry_app, name="registry")
+
+
+def _open_registry(workspace: Path | None) -> Any:
+    from registry.store import open_registry
+
+    return open_registry(_workspace(workspace), must_exist=True)
+
+
+def _registry_errors() -> tuple[type[BaseException], ...]:
+    from metarec.config import ConfigError
+    from registry.bundle_io import BundleError
+    from registry.store import RegistryError
+
+    return (RegistryError, BundleError, ConfigError)
+
+
+@registry_app.command("list")
+def registry_list(workspace: WorkspaceOpt = None) -> None:
+    """List the registered model's versions: aliases, primary and cold metrics, creation time."""
+    try:
+        reg = _open_registry(workspace)
+        rows = reg.list_versions()
+    except _registry_errors() as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"registered model {reg.name!r}")
+    for column in ("version", "aliases", reg.cfg.primary, reg.cfg.cold_metric, "created (UTC)", "run id"):
+        table.add_column(column, justify="right" if "@" in column else "left", no_wrap=True)
+    for row in rows:
+        metrics = ("—" if v is None else f"{v:.4f}" for v in (row["primary"], row["cold"]))
+        created = row["created"].strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(
+            row["version"], ", ".join(row["aliases"]) or "—", *metrics, created, row["run_id"] or ""
+        )
+    console.print(table)
+
+
+@registry_app.command("show")
+def registry_show(
+    version: Annotated[str, typer.Argument(help="Version number, or an alias: champion, challenger.")],
+    workspace: WorkspaceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Show one version: aliases, tags, audit trail and model card."""
+    import json
+
+    try:
+        info = _open_registry(workspace).show(version)
+    except _registry_errors() as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(info, indent=2, default=str, ensure_ascii=False))
+        return
+    console.print(f"[bold]version {info['version']}[/] aliases: {', '.join(info['aliases']) or '—'}")
+    console.print(f"created {info['created']:%Y-%m-%d %H:%M:%S} UTC, run {info['run_id']}", highlight=False)
+    for key, value in info["tags"].items():
+        console.print(f"  {key} = {value}", highlight=False, markup=False)
+    console.print("[bold]audit[/]")
+    for event in info["audit"] or [{"action": "none"}]:
+        line = " ".join(
+            f"{k}={event[k]}" for k in ("seq", "at", "who", "action", "from_version", "why") if k in event
+        )
+        console.print(f"  {line}", highlight=False, markup=False)
+    console.print("[bold]model card[/]")
+    console.print(info["description"] or "—", highlight=False, markup=False)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    version: Annotated[str, typer.Argument(help="Version number to make champion.")],
+    workspace: WorkspaceOpt = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit trail).")] = "",
+    force: Annotated[
+        bool, typer.Option("--force", help="Skip the gate (needs --reason); the bundle is still verified.")
+    ] = False,
+) -> None:
+    """Make a version champion if its bundle verifies and it passes the gate against the champion."""
+    try:
+        move = _open_registry(workspace).promote(version, reason=reason, force=force)
+    except _registry_errors() as exc:
+        raise _fail(str(exc)) from None
+    for line in move.decision.reasons if move.decision else []:
+        console.print(f"  {line}", highlight=False, markup=False)
+    if not move.moved:
+        raise _fail(f"version {move.version} not promoted; champion stays {move.previous or 'unset'}")
+    forced = " (forced past the gate)" if move.event.get("action") == "force-promote" else ""
+    console.print(f"champion: version {move.version}{forced}, was {move.previous or 'none'}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    workspace: WorkspaceOpt = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit trail).")] = "",
+) -> None:
+    """Restore the previous champion recorded in the audit trail."""
+    try:
+        move = _open_registry(workspace).rollback(reason=reason)
+    except _registry_errors() as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"champion: version {move.version}, rolled back from {move.previous}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -175,12 +175,53 @@ class BPRConfig(_Strict):
     batch_size: int = Field(default=2048, gt=0)
 
 
+class EASEConfig(_Strict):
+    """EASE baseline (Steck 2019, closed-form item-item model)."""
+
+    # 500 is the usual starting point for ml-100k-sized data; 100 scored best on ml-100k validation
+    # NDCG@10 over {50, 100, 200, 500, 1000, 2000} (0.140 vs 0.132 at 500).
+    l2: float = Field(default=100.0, gt=0)
+
+
+class MetarecConfig(_Strict):
+    """The fusion model (docs/model.md): metapath channels × text × item-ID factors.
+
+    Defaults were picked on ml-100k validation NDCG@10 only; test is reported once per final setting.
+    """
+
+    # Best item–entity–item content paths added to the mined selection: the channels that reach cold
+    # items, which selection on warm users rarely keeps.
+    content_paths: int = Field(default=4, ge=0)
+    # L2 of an EASE item–item channel (a learned user–item–user–item path); None leaves it out.
+    # Validation NDCG@10 on ml-100k: 0.168 without, 0.176 with l2=100, 0.185 with 200 at holdout 0.3.
+    ease_l2: float | None = Field(default=200.0, gt=0)
+    # Latest share of each user's training interactions the fusion learns to predict (features come
+    # from the earlier part, so no training positive reaches itself through its own edge). 0.1 left
+    # too few targets (valid NDCG@10 0.147), 0.3 beat 0.2 (0.174 vs 0.168).
+    holdout: float = Field(default=0.3, gt=0, lt=1)
+    rank: int = Field(default=64, gt=0)
+    epochs: int = Field(default=60, gt=0)
+    patience: int = Field(default=8, gt=0)
+    lr: float = Field(default=5e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    id_reg: float = Field(default=1e-3, ge=0)
+    # Share of items hidden as if cold in each batch, so text and KG content learn to rank alone.
+    item_dropout: float = Field(default=0.2, ge=0, lt=1)
+    batch_users: int = Field(default=128, gt=0)
+    # Ablation switches; the ablation runs flip them one at a time.
+    use_paths: bool = True
+    use_text: bool = True
+    use_ids: bool = True
+
+
 class ModelConfig(_Strict):
     """Which recommender to train and its hyperparameters."""
 
-    name: Literal["pop", "itemknn", "bpr"] = "itemknn"
+    name: Literal["pop", "itemknn", "bpr", "ease", "metarec"] = "itemknn"
     itemknn: ItemKNNConfig = Field(default_factory=ItemKNNConfig)
     bpr: BPRConfig = Field(default_factory=BPRConfig)
+    ease: EASEConfig = Field(default_factory=EASEConfig)
+    metarec: MetarecConfig = Field(default_factory=MetarecConfig)
 
 
 METRIC_NAMES = ("recall", "precision", "ndcg", "hit", "mrr")
@@ -195,6 +236,9 @@ class EvalConfig(_Strict):
     # Users are bucketed by their number of training interactions at these upper edges.
     activity_buckets: list[int] = Field(default_factory=lambda: [20, 50, 100])
     block_size: int = Field(default=1024, gt=0)
+    # Cold-item protocol: this share of items (seeded) loses its train and valid interactions, the
+    # model is refitted and ranks only those items for their test users. 0 turns it off.
+    cold_fraction: float = Field(default=0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -216,6 +260,137 @@ class TrackingConfig(_Strict):
     uri: str = ""
 
 
+class ExportConfig(_Strict):
+    """ONNX export of the fusion model: parity tolerances the stage fails on, and how latency is measured."""
+
+    opset: int = Field(default=17, ge=14)
+    # fp32 ONNX vs torch, absolute, on scores, gates and embeddings. Float32 re-association across
+    # the 1.7k-item sums leaves ~1e-5; 1e-3 is far above that noise and far below the score gaps
+    # that order a top-10, so it only fires on a real export fault (a wrong branch, a dropped mask).
+    max_abs_diff: float = Field(default=1e-3, gt=0)
+    # int8 vs fp32 embeddings' mean cosine over all item texts (per-channel int8 gives ~0.9925).
+    min_int8_cosine: float = Field(default=0.99, ge=0, le=1)
+    # Test NDCG@10 of the ONNX scorer vs torch's, relative.
+    max_ndcg_rel_diff: float = Field(default=0.01, ge=0)
+    # Seeded users for the scorer's max-abs check; item texts for the fp32 encoder's.
+    parity_users: int = Field(default=256, gt=0)
+    encoder_sample: int = Field(default=256, gt=0)
+    # Scorer p99 at batch 1 on one intra-op thread: a serving worker answers one request per
+    # session.run, and one thread keeps the number comparable under other load on the machine.
+    latency_runs: int = Field(default=300, ge=100)
+    latency_threads: int = Field(default=1, gt=0)
+    # ONNX Runtime threads for batch scoring (NDCG parity) and encoder throughput.
+    threads: int = Field(default=2, gt=0)
+
+
+class RegistryConfig(_Strict):
+    """Model registry: the registered model's name and the gate a challenger must pass to become champion.
+
+    Metric names are ``<section>.<metric>`` in the bundle's ``metrics`` (``warm.ndcg@10``).
+    """
+
+    # Register, gate and promote at the end of every metarec training run.
+    enabled: bool = True
+    name: str = Field(default="metarec", min_length=1)
+    primary: str = "warm.ndcg@10"
+    # Relative margin over the champion's primary metric: challenger >= champion * (1 + margin), and
+    # strictly greater at 0 so a tie never churns the champion.
+    margin: float = Field(default=0.0, ge=0)
+    # Absolute sanity floors, applied to every candidate (the first version has nothing to compare to).
+    min_primary: float = Field(default=0.05, ge=0)
+    cold_metric: str = "cold.recall@20"
+    min_cold: float = Field(default=0.15, ge=0)
+    # Guardrails against the champion: absolute drop of the cold metric, growth factor of scorer p99.
+    max_cold_drop: float = Field(default=0.02, ge=0)
+    max_latency_growth: float = Field(default=1.5, ge=1)
+    # ONNX parity of the bundle, absolute: int8 embeddings' mean cosine and relative NDCG change.
+    min_int8_cosine: float = Field(default=0.99, ge=0, le=1)
+    max_ndcg_rel_diff: float = Field(default=0.01, ge=0)
+    # data_version paths (DVC outputs) that fingerprint the evaluation data; metrics are only compared
+    # between versions whose fingerprints are equal.
+    eval_data: list[str] = Field(default_factory=lambda: ["data/split"])
+    # Seconds to wait for another process's alias move before giving up.
+    lock_timeout: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RegistryConfig:
+        for field in ("primary", "cold_metric"):
+            section, sep, metric = getattr(self, field).partition(".")
+            if not (section and sep and metric):
+                raise ValueError(f"registry.{field} must be <section>.<metric>, e.g. warm.ndcg@10")
+        if not self.eval_data:
+            raise ValueError("registry.eval_data must name at least one data_version path")
+        return self
+
+
+# Feedback event types the serving API stores (components/serving/feedback.py).
+FEEDBACK_EVENT_TYPES = ("impression", "click", "rating")
+
+
+class DriftConfig(_Strict):
+    """Thresholds and sample-size floors of the drift checks (defaults justified in docs/drift.md)."""
+
+    # Events that express demand. Impressions are what the model chose to show, so their mix says
+    # more about the model than about the users.
+    input_event_types: list[str] = Field(default_factory=lambda: ["click", "rating"])
+    # Below this many input events the input checks report insufficient data: at 500 events the
+    # decile PSI's sampling noise (about (K-1)/n = 0.02) is a tenth of its threshold.
+    min_events: int = Field(default=500, ge=1)
+    # Deciles of reference traffic: fine enough to see head-to-tail moves, coarse enough that each
+    # bucket holds ~10% of a window (200 events at 2000) so sampling noise stays small.
+    n_buckets: int = Field(default=10, ge=2)
+    # Industry rule of thumb: PSI < 0.1 stable, 0.1–0.2 moderate, > 0.2 a real shift.
+    psi_max: float = Field(default=0.2, gt=0)
+    # JS in bits; for small shifts JS ~ PSI / 5.5, so 0.1 flags only shifts well past PSI 0.5, but
+    # unlike PSI it needs no smoothing and stays bounded when a bucket empties.
+    js_max: float = Field(default=0.1, gt=0, le=1)
+    # PSI share floor for buckets empty on one side (small windows).
+    psi_eps: float = Field(default=1e-4, gt=0, lt=0.01)
+    # ml-100k's own held-out periods see 0.4–1.5% of events on items unseen in training; 10% is an
+    # order of magnitude more, i.e. a catalogue change the champion has never scored.
+    unseen_item_share_max: float = Field(default=0.10, gt=0, le=1)
+    # New users are served by cold-start paths anyway; a third of traffic from strangers means the
+    # champion's user representations no longer cover its audience.
+    unseen_user_share_max: float = Field(default=0.30, gt=0, le=1)
+    # Genre mix: significant (p < alpha) AND big enough (balanced Cramér's V > v_max, a "small"
+    # effect for a 2×K table): p alone fires on trivial differences in large windows, V alone on
+    # noise in small ones.
+    genre_alpha: float = Field(default=0.01, gt=0, lt=1)
+    genre_v_max: float = Field(default=0.1, gt=0, le=1)
+    # The chi-square approximation wants expected cell counts >= 5; rarer genres are pooled.
+    genre_min_expected: float = Field(default=5.0, gt=0)
+    # New items' text embeddings vs training items': fewer than this many new items is too few for
+    # a two-sample test on 384-d vectors.
+    min_new_items: int = Field(default=20, ge=2)
+    mmd_alpha: float = Field(default=0.01, gt=0, lt=1)
+    # Effect floor on the unbiased MMD² (median-heuristic RBF kernel) so that hundreds of new items
+    # do not fire on a statistically real but negligible difference.
+    mmd_min: float = Field(default=0.02, ge=0)
+    mmd_permutations: int = Field(default=200, ge=20)
+    mmd_max_samples: int = Field(default=500, ge=10)
+    # Online quality: the cut-off of the offline baseline's hit@k / ndcg@k.
+    quality_k: int = Field(default=10, ge=1)
+    # Fire when the online value is more than this fraction below the baseline AND the one-sided
+    # test says the drop is not sampling noise. 20% is the smallest drop that matters for the
+    # product and more than the run-to-run spread of offline metrics.
+    quality_tolerance: float = Field(default=0.2, gt=0, lt=1)
+    quality_alpha: float = Field(default=0.01, gt=0, lt=1)
+    # Lists whose user gave any positive feedback; fewer make hit rates too noisy to compare.
+    min_lists: int = Field(default=100, ge=1)
+    # Ratings at or above this count as positives; None counts every rating, as offline
+    # evaluation counts every held-out interaction.
+    rating_positive: float | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DriftConfig:
+        unknown = set(self.input_event_types) - set(FEEDBACK_EVENT_TYPES)
+        if not self.input_event_types or unknown:
+            raise ValueError(f"input_event_types must be a non-empty subset of {FEEDBACK_EVENT_TYPES}")
+        return self
+
+
+
 class Config(_Strict):
     """The whole typed configuration of a metarec workspace."""
 
@@ -227,7 +402,10 @@ class Config(_Strict):
     text: TextConfig = Field(default_factory=TextConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     def flat(self) -> dict[str, Any]:
         """Return the config flattened to dotted keys, as logged to MLflow."""

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from components.baselines import (
     BPRRecommender,
+    EASERecommender,
     ItemKNNRecommender,
     PopRecommender,
     Recommender,
@@ -198,6 +199,70 @@ def test_bpr_history_argument_is_ignored() -> None:
     np.testing.assert_array_equal(model.score(users), model.score(users, history=train + test))
 
 
+# --- EASE -------------------------------------------------------------------------------------
+
+# 3 users x 3 items: u0 {0, 1}, u1 {1, 2}, u2 {0}. With l2 = 1, G = XᵀX + I = [[3,1,0],[1,3,1],[0,1,2]],
+# det 13, P = G⁻¹ = [[5,-2,1],[-2,6,-3],[1,-3,8]] / 13, and B_ij = -P_ij / P_jj off the diagonal.
+EASE_X = sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 1], [1, 0, 0]], dtype=np.float32))
+EASE_B = np.array(
+    [
+        [0.0, 2 / 6, -1 / 8],
+        [2 / 5, 0.0, 3 / 8],
+        [-1 / 5, 3 / 6, 0.0],
+    ]
+)
+
+
+def test_ease_weights_match_hand_computation() -> None:
+    model = EASERecommender(l2=1.0).fit(EASE_X)
+    assert model.weights.dtype == np.float32
+    np.testing.assert_allclose(model.weights, EASE_B, atol=1e-6)
+    # u0 history {0, 1}: B[0] + B[1]; u2 history {0}: B[0].
+    scores = model.score(np.array([0, 2]))
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores, [[2 / 5, 1 / 3, 1 / 4], [0.0, 1 / 3, -1 / 8]], atol=1e-6)
+
+
+def test_ease_matches_constrained_ridge_per_column() -> None:
+    # The closed form equals, column by column, ridge regression of item j on the other items.
+    rng = np.random.default_rng(5)
+    x = (rng.random((30, 6)) < 0.4).astype(np.float64)
+    l2 = 3.0
+    model = EASERecommender(l2=l2).fit(sp.csr_matrix(x))
+    expected = np.zeros((6, 6))
+    for j in range(6):
+        others = np.delete(np.arange(6), j)
+        xo = x[:, others]
+        expected[others, j] = np.linalg.solve(xo.T @ xo + l2 * np.eye(5), xo.T @ x[:, j])
+    np.testing.assert_allclose(model.weights, expected, atol=1e-5)
+    np.testing.assert_array_equal(np.diag(model.weights), np.zeros(6))
+
+
+def test_ease_diagonal_is_zero_on_planted_data() -> None:
+    train, _ = _planted()
+    model = EASERecommender().fit(train)
+    assert model.l2 == EASERecommender.DEFAULT_L2
+    np.testing.assert_array_equal(np.diag(model.weights), np.zeros(train.shape[1]))
+
+
+def test_ease_uses_given_history_and_beats_random() -> None:
+    train, test = _planted()
+    model = EASERecommender(l2=10.0).fit(train)
+    history = EASE_X.tolil()
+    history[0] = [0, 0, 3]  # u0 now has only item 2 (non-binary value is binarised)
+    small = EASERecommender(l2=1.0).fit(EASE_X)
+    np.testing.assert_allclose(small.score(np.array([0]), history=history.tocsr()), [EASE_B[2]], atol=1e-6)
+    with pytest.raises(ValueError, match="item columns"):
+        small.score(np.array([0]), history=train)
+    assert _recall_at_5(model.score, train, test) > 0.3
+
+
+@pytest.mark.parametrize("l2", [0, -1.0, float("nan"), float("inf"), True, "5", None])
+def test_ease_rejects_bad_l2(l2: object) -> None:
+    with pytest.raises(ValueError, match="l2"):
+        EASERecommender(l2=l2)  # type: ignore[arg-type]
+
+
 # --- persistence and factory ------------------------------------------------------------------
 
 
@@ -209,8 +274,9 @@ def test_bpr_history_argument_is_ignored() -> None:
         ItemKNNRecommender(neighbours=2),
         ItemKNNRecommender(neighbours=2, dense_max_items=0),
         BPRRecommender(dim=8, epochs=2, seed=3),
+        EASERecommender(l2=20.0),
     ],
-    ids=["pop", "itemknn", "itemknn-top2", "itemknn-sparse", "bpr"],
+    ids=["pop", "itemknn", "itemknn-top2", "itemknn-sparse", "bpr", "ease"],
 )
 def test_save_load_round_trip(model: Recommender, tmp_path: Path) -> None:
     train, test = _planted()
@@ -246,6 +312,14 @@ def test_build_model() -> None:
     assert isinstance(knn, ItemKNNRecommender) and knn.neighbours == 5
     bpr = build_model("bpr", {"dim": 8, "epochs": 1}, seed=11)
     assert isinstance(bpr, BPRRecommender) and bpr.seed == 11 and bpr.dim == 8
+    ease = build_model("ease", {"l2": 50}, seed=0)
+    assert isinstance(ease, EASERecommender) and ease.l2 == 50.0
+    default_ease = build_model("ease", None, seed=0)
+    assert isinstance(default_ease, EASERecommender) and default_ease.l2 == EASERecommender.DEFAULT_L2
+    with pytest.raises(ValueError, match="unknown parameters"):
+        build_model("ease", {"lambda": 50}, seed=0)
+    with pytest.raises(ValueError, match="l2"):
+        build_model("ease", {"l2": -1}, seed=0)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("als", {}, seed=0)
     with pytest.raises(ValueError, match="unknown parameters"):
@@ -255,7 +329,7 @@ def test_build_model() -> None:
 
 
 def test_unfitted_model_raises() -> None:
-    for model in (PopRecommender(), ItemKNNRecommender(), BPRRecommender()):
+    for model in (PopRecommender(), ItemKNNRecommender(), BPRRecommender(), EASERecommender()):
         with pytest.raises(RuntimeError, match="not fitted"):
             model.score(np.array([0]))
 

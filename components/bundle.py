@@ -1,0 +1,307 @@
+"""Serve a registered model bundle with ONNX Runtime: no torch, no pickle, no training graph rebuild.
+
+A bundle (written by the export stage, see docs/serving.md) holds the int8 text encoder, the fp32
+scorer, the feature channels' suffix matrices, the id tables, the training history and the graph for
+explanations. :func:`load_bundle` returns a :class:`BundleEngine`, which implements the serving
+``Engine`` protocol: rank items for a known user, or for a cold user from a profile and/or history,
+with the top metapath instance behind each recommended item.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Set
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from components.kg import INTERACTED, HeteroGraph, load_graph
+from components.metapaths.counting import damped_matrix
+from components.metapaths.explain import INSTANCE_DAMPING, Namer, render
+from components.metapaths.schema import Metapath, parse
+from components.model.features import HISTORY, FeatureBank
+
+SCORER = "scorer.onnx"
+ENCODER = "encoder.onnx"
+SEEN = "seen.npz"
+
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _coo_matrix(data: Any, prefix: str) -> sp.csr_matrix:
+    shape = tuple(int(x) for x in data[f"{prefix}_shape"])
+    rows, cols = data[f"{prefix}_rows"], data[f"{prefix}_cols"]
+    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
+
+
+class Explainer:
+    """The heaviest-flow instance of a metapath from a user (or a cold user's source row) to items.
+
+    Enumerating every instance (``metarec explain``) is too slow for a request; here the weighted
+    path counts from each node to each target are one sparse × dense product per step, and the
+    instance follows, from the user, the neighbour carrying the most weighted paths to the target.
+    """
+
+    def __init__(self, graph: HeteroGraph, namer: Namer) -> None:
+        self.graph = graph
+        self.namer = namer
+        self._weights: dict[str, sp.csr_matrix] = {}
+        self._lock = threading.Lock()
+
+    def weights(self, key: str) -> sp.csr_matrix:
+        """Degree-damped instance weights of one relation key (cached; shared across threads)."""
+        with self._lock:
+            if key not in self._weights:
+                self._weights[key] = damped_matrix(self.graph, key, INSTANCE_DAMPING).tocsr()
+            return self._weights[key]
+
+    def instances(self, path: Metapath, source: np.ndarray, items: np.ndarray, start: int) -> list[str | None]:
+        """Rendered instance per target item (None when the path does not reach it).
+
+        Args:
+            path: The metapath.
+            source: Weights over the nodes after the first step (e.g. the history row), shape (n1,).
+            items: Target item indices.
+            start: The user's index (-1 for a cold user), excluded where a user reappears.
+        """
+        mats = [self.weights(k) for k in path.keys[1:]]
+        targets = np.zeros((mats[-1].shape[1] if mats else len(source), len(items)), dtype=np.float64)
+        targets[np.asarray(items), np.arange(len(items))] = 1.0
+        flows = [targets]
+        for step in range(len(mats) - 1, -1, -1):
+            flow = np.asarray(mats[step] @ flows[0])
+            # A walk back through the user asked about (you → film → you → …) explains nothing.
+            if path.types[step + 1] == "user" and start >= 0:
+                flow[start] = 0.0
+            flows.insert(0, flow)
+        out: list[str | None] = []
+        for t, item in enumerate(items):
+            first = source * flows[0][:, t]
+            if not np.any(first > 0):
+                out.append(None)
+                continue
+            nodes = [start, int(np.argmax(first))]
+            for step, mat in enumerate(mats):
+                row = slice(mat.indptr[nodes[-1]], mat.indptr[nodes[-1] + 1])
+                cols = mat.indices[row]
+                score = mat.data[row] * flows[step + 1][cols, t]
+                nodes.append(int(cols[np.argmax(score)]))
+            nodes[-1] = int(item)
+            out.append(render(path, nodes, self.namer))
+        return out
+
+
+class BundleEngine:
+    """A loaded bundle; immutable after construction and safe to share between request threads."""
+
+    def __init__(self, directory: Path, version: str = "", threads: int = 1) -> None:
+        directory = Path(directory)
+        self.directory = directory
+        self._version = version
+        self.manifest = json.loads((directory / "bundle.json").read_text(encoding="utf-8"))
+        self.items = pd.read_parquet(directory / "items.parquet").sort_values("item")
+        self.users = pd.read_parquet(directory / "users.parquet").sort_values("user")
+        self._item_ids = self.items.item_id.astype(str).tolist()
+        self._item_index = {item: k for k, item in enumerate(self._item_ids)}
+        self._user_index = {u: k for k, u in enumerate(self.users.user_id.astype(str))}
+        self.bank = FeatureBank.load(directory)
+        with np.load(directory / "profiles.npz", allow_pickle=False) as data:
+            self.profile = np.asarray(data["profile"], dtype=np.float32)
+            self.history = _coo_matrix(data, "train")
+        self.seen = self.history
+        if (directory / SEEN).exists():
+            with np.load(directory / SEEN, allow_pickle=False) as data:
+                self.seen = _coo_matrix(data, "seen")
+        self.scorer = _session(directory / SCORER, threads)
+        self._encoder: Any = None
+        self._tokenizer: Any = None
+        self._threads = threads
+        self._lock = threading.Lock()
+        graph = load_graph(directory / "graph")
+        relations = dict(graph.relations)
+        from components.kg import Relation
+
+        relations[INTERACTED] = Relation(INTERACTED, "user", "item", self.history, ["train split"])
+        self.graph = HeteroGraph(graph.node_ids, relations)
+        self.explainer = Explainer(self.graph, Namer(self.graph, self.items))
+        schema = self.graph.schema
+        self.paths: list[Metapath | None] = [
+            parse(c.metapath_id, schema) if c.kind == "metapath" and c.metapath_id else None
+            for c in self.bank.channels
+        ]
+        config = self.manifest.get("config", {})
+        self.text_cfg = config.get("text", {})
+
+    # --- Engine protocol -------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        """Registry version (empty when loaded from a directory outside the registry)."""
+        return self._version
+
+    @property
+    def item_ids(self) -> Set[str]:
+        """Every rankable item id."""
+        return self._item_index.keys()
+
+    def known_user(self, user_id: str) -> bool:
+        """Whether the user was in the training data."""
+        return str(user_id) in self._user_index
+
+    def recommend(
+        self,
+        user_id: str | None,
+        k: int,
+        profile: dict[str, str] | None = None,
+        history: list[str] | None = None,
+        explain: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Top ``k`` unseen items with scores and explanations (see the serving ``Engine`` protocol)."""
+        extra = self._history_indices(history or [])
+        user = self._user_index.get(str(user_id)) if user_id is not None else None
+        if user is None and profile is None and not history:
+            raise KeyError(f"unknown user {user_id!r}")
+        n_items = len(self._item_ids)
+        if user is not None:
+            hist = self.history[user].tolil()
+            seen = self.seen[user].toarray().ravel() > 0
+            prof = self.profile[user]
+            attributes = None
+        else:
+            hist = sp.lil_matrix((1, n_items), dtype=np.float32)
+            seen = np.zeros(n_items, dtype=bool)
+            prof = self._profile_vector(profile or {})
+            attributes = self.bank.profile_attributes(profile or {})
+        for item in extra:
+            hist[0, item] = 1.0
+        seen[extra] = True
+        history_row = sp.csr_matrix(hist, dtype=np.float32)
+        feats = self.bank.rows(history_row, None if user is None else np.asarray([user]), attributes)
+        scores, gates = self.scorer.run(
+            ["scores", "gates"],
+            {
+                "history": history_row.toarray().astype(np.float32),
+                "profile": prof[None, :].astype(np.float32),
+                "features": feats,
+            },
+        )
+        row = scores[0].astype(np.float64)
+        row[seen] = -np.inf
+        k = min(int(k), int((~seen).sum()))
+        top = np.argpartition(-row, k - 1)[:k] if k > 0 else np.zeros(0, dtype=np.int64)
+        top = top[np.lexsort((top, -row[top]))]  # score descending, ties by index as offline
+        notes = self._explain(history_row, user, attributes, gates[0], feats[0], top) if explain else None
+        return [
+            {
+                "item_id": self._item_ids[i],
+                "rank": r,
+                "score": float(row[i]),
+                "explanation": notes[r - 1] if notes is not None else None,
+            }
+            for r, i in enumerate(top, start=1)
+        ]
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _history_indices(self, history: list[str]) -> np.ndarray:
+        unknown = [h for h in history if str(h) not in self._item_index]
+        if unknown:
+            raise ValueError(f"unknown item ids in history: {', '.join(map(str, unknown[:10]))}")
+        return np.asarray([self._item_index[str(h)] for h in history], dtype=np.int64)
+
+    def _explain(
+        self,
+        history: sp.csr_matrix,
+        user: int | None,
+        attributes: dict[str, sp.csr_matrix] | None,
+        gates: np.ndarray,
+        feats: np.ndarray,
+        items: np.ndarray,
+    ) -> list[str | None]:
+        """For each item, an instance of the metapath channel that contributes most to its score."""
+        contrib = gates[:, None] * feats[:, items]  # (C, len(items))
+        for c, path in enumerate(self.paths):
+            if path is None:
+                contrib[c] = 0.0
+        best = np.argmax(contrib, axis=0)
+        out: list[str | None] = [None] * len(items)
+        for c in np.unique(best):
+            cols = np.flatnonzero((best == c) & (contrib[c, np.arange(len(items))] > 0))
+            path = self.paths[int(c)]
+            if path is None or len(cols) == 0:
+                continue
+            source = self._source_row(int(c), history, user, attributes)
+            if source is None:
+                continue
+            texts = self.explainer.instances(path, source, items[cols], -1 if user is None else user)
+            for col, text in zip(cols, texts, strict=True):
+                out[col] = text
+        return out
+
+    def _source_row(
+        self, c: int, history: sp.csr_matrix, user: int | None, attributes: dict[str, sp.csr_matrix] | None
+    ) -> np.ndarray | None:
+        channel = self.bank.channels[c]
+        if channel.source == HISTORY:
+            return np.asarray(history.toarray()).ravel().astype(np.float64)
+        if attributes is not None and channel.source in attributes:
+            return np.asarray(attributes[channel.source].toarray()).ravel().astype(np.float64)
+        if user is not None and channel.source in self.bank.user_attributes:
+            return np.asarray(self.bank.user_attributes[channel.source][user].toarray()).ravel().astype(float)
+        return None
+
+    def _profile_vector(self, profile: dict[str, str]) -> np.ndarray:
+        """Embed a cold user's profile text with the bundle's int8 encoder."""
+        if not profile:
+            return np.zeros(self.profile.shape[1], dtype=np.float32)
+        from components.text.verbalise import DEFAULT_USER_TEMPLATE, user_texts
+
+        row = {"user": 0, "user_id": "new", **{k: str(v) for k, v in profile.items()}}
+        columns = ("age", "gender", "occupation", "zip_code")
+        frame = pd.DataFrame([{c: row.get(c, "") for c in ("user", "user_id", *columns)}])
+        empty = pd.DataFrame({"user": pd.Series([], dtype=int), "item": pd.Series([], dtype=int)})
+        empty["timestamp"] = pd.Series([], dtype=float)
+        template = self.text_cfg.get("user_template", DEFAULT_USER_TEMPLATE)
+        text = user_texts(frame, empty, self.items, int(self.text_cfg.get("n_recent", 10)), template)[0]
+        return self.encode([text])[0]
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embed texts with the bundle's ONNX encoder (loaded on first use)."""
+        with self._lock:
+            if self._encoder is None:
+                from tokenizers import Tokenizer
+
+                meta = json.loads((self.directory / "encoder.json").read_text(encoding="utf-8"))
+                tokenizer = Tokenizer.from_file(str(self.directory / "tokenizer" / "tokenizer.json"))
+                tokenizer.enable_truncation(int(meta.get("max_length", 128)))
+                tokenizer.enable_padding()
+                self._tokenizer, self._encoder_meta = tokenizer, meta
+                self._encoder = _session(self.directory / ENCODER, self._threads)
+        encoded = self._tokenizer.encode_batch(texts)
+        feeds = {
+            "input_ids": np.asarray([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.asarray([e.attention_mask for e in encoded], dtype=np.int64),
+        }
+        names = {i.name for i in self._encoder.get_inputs()}
+        if "token_type_ids" in names:
+            feeds["token_type_ids"] = np.asarray([e.type_ids for e in encoded], dtype=np.int64)
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        (vectors,) = self._encoder.run(None, feeds)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def load_bundle(directory: str | Path, version: str = "", threads: int = 1) -> BundleEngine:
+    """Verify a bundle against its manifest and load it for serving."""
+    from registry.bundle_io import verify_bundle
+
+    verify_bundle(Path(directory))
+    return BundleEngine(Path(directory), version, threads)

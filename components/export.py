@@ -1,0 +1,735 @@
+"""Export the fusion scorer and the text encoder to ONNX, check parity, write the serving bundle.
+
+The bundle (``models/bundle``) holds everything serving needs and nothing it must unpickle:
+
+* ``encoder.onnx``: the text encoder (LoRA adapter merged), dynamic int8, outputting the mean-pooled,
+  L2-normalised ``embedding`` of ``input_ids``/``attention_mask`` (int64, ``[batch, seq]``), as
+  :meth:`components.text.encoder.Encoder.encode` does; ``tokenizer/`` (its ``tokenizer.json`` loads with
+  the ``tokenizers`` library alone) and ``encoder.json`` (max_length, input names, padding id).
+* ``scorer.onnx``: the fp32 :class:`~components.model.net.FusionNet` with inputs ``history``
+  ``[batch, N]``, ``profile`` ``[batch, D]``, ``features`` ``[batch, C, N]`` and outputs ``scores``
+  ``[batch, N]`` and ``gates`` ``[batch, C]`` (the per-user channel weights, for explanations).
+* The model directory's ``model.json``, ``features.{json,npz}`` and ``profiles.npz``; the id tables
+  ``items.parquet`` (item, item_id, title) and ``users.parquet``; ``metapaths.json`` and ``graph/`` (for
+  explanations); ``item_embeddings.npz`` (the scorer's item text table, the drift reference).
+* ``bundle.json``, written last by :func:`registry.bundle_io.write_manifest`.
+
+Parity is checked before anything is kept, and a violation raises :class:`ParityError`, failing the
+stage with the previous bundle untouched: fp32 ONNX against torch (max-abs difference of scores, gates
+and embeddings), int8 embeddings against the torch fp32 ones (mean cosine over all item texts), and the
+test NDCG@10 of the ONNX scorer against the torch model's in ``metrics.json`` (relative difference).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from components import evaluate
+from components.storage import read_json, write_json
+
+if TYPE_CHECKING:  # onnxruntime and the stage helpers are imported where they are used
+    import onnxruntime as ort
+
+    from components.baselines import Recommender
+    from components.model.features import FeatureBank
+    from components.model.net import FusionNet
+    from components.stages import Paths
+    from metarec.config import Config
+
+OPSET = 17
+ENCODER_ONNX = "encoder.onnx"
+SCORER_ONNX = "scorer.onnx"
+ENCODER_JSON = "encoder.json"
+TOKENIZER_DIR = "tokenizer"
+ITEM_EMBEDDINGS = "item_embeddings.npz"
+SKIP_FILE = "skipped.json"
+# Copied from the model directory as is (all plain JSON/NumPy, no pickle).
+MODEL_FILES = ("model.json", "features.json", "features.npz", "profiles.npz")
+# Encoder.encode feeds input_ids and attention_mask only (BERT then uses token type 0 everywhere), so
+# the exported graph takes exactly these two and serving never has to produce token type ids.
+ENCODER_INPUTS = ("input_ids", "attention_mask")
+SCORER_INPUTS = ("history", "profile", "features")
+SCORER_OUTPUTS = ("scores", "gates")
+
+
+class ParityError(RuntimeError):
+    """An exported model whose outputs differ from the torch model's beyond tolerance."""
+
+
+class PooledEncoder(nn.Module):
+    """A transformer body plus the encoder's mean pooling and L2 normalisation, for export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings ``(batch, dim)`` of right-padded token ids."""
+        from components.text.encoder import embed
+
+        # The same function Encoder.encode uses, so the exported math cannot drift from it.
+        return embed(self.model, {"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+class ScorerWithGates(nn.Module):
+    """FusionNet's scores plus its per-user channel weights (zeros when paths are switched off)."""
+
+    def __init__(self, net: FusionNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, history: torch.Tensor, profile: torch.Tensor, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scores`` ``(B, N)`` and ``gates`` ``(B, C)`` for a batch of users."""
+        scores = self.net(history, profile, features)
+        if self.net.cfg.use_paths and self.net.cfg.n_channels:
+            user = self.net.user_vector(history, profile)
+            gates = nn.functional.softplus(self.net.path_bias + user @ self.net.path_user)
+        else:
+            # Shaped from ``features`` so the input stays in the graph: the exporter drops unused inputs,
+            # and serving feeds the same three inputs whatever the ablation switches.
+            gates = torch.zeros_like(features[:, :, 0])
+        return scores, gates
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    opset: int,
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns on every Python-level shape read; the parity checks are what guard the result.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        # Raised for transformers' padding-mask lookup, whose indices come from arange (never negative).
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
+        # The legacy TorchScript exporter, pinned: the dynamo exporter needs onnxscript (not a
+        # dependency here) and torch.export's shape guards, which transformers' attention-mask code trips
+        # over with a dynamic sequence axis; the traced opset-17 graph also goes through onnxruntime's
+        # quantisation pre-processing as is (docs/benchmarks.md, verified on torch 2.13 / ORT 1.31).
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,  # folds the item-side products (item text @ A, masked IDs) once
+            dynamo=False,
+        )
+    return path
+
+
+def export_scorer(net: FusionNet, path: Path, opset: int = OPSET) -> Path:
+    """Export FusionNet (with its gates) to ONNX, fp32, with a dynamic batch axis."""
+    cfg = net.cfg
+    gen = torch.Generator().manual_seed(0)
+    # Two users, so the tracer cannot mistake the batch size for a constant 1.
+    history = (torch.rand(2, cfg.n_items, generator=gen) < 0.1).float()
+    profile = torch.randn(2, cfg.text_dim, generator=gen)
+    features = torch.rand(2, cfg.n_channels, cfg.n_items, generator=gen)
+    axes = {name: {0: "batch"} for name in (*SCORER_INPUTS, *SCORER_OUTPUTS)}
+    return _export(
+        ScorerWithGates(net), (history, profile, features), path, SCORER_INPUTS, SCORER_OUTPUTS, axes, opset
+    )
+
+
+def export_encoder(model: nn.Module, path: Path, pad_id: int = 0, opset: int = OPSET) -> Path:
+    """Export a transformer body with mean pooling + L2 norm to ONNX, fp32, dynamic batch and sequence.
+
+    Args:
+        model: A Hugging Face encoder body (adapter already merged), e.g. ``Encoder(...).model``.
+        path: Where to write the ONNX file.
+        pad_id: The tokenizer's padding id, used in the tracing input.
+        opset: ONNX opset.
+    """
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 100))
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(min(5, vocab - 1), vocab, (2, 8), generator=gen)
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    # The second row is padded: transformers drops the attention mask when it is all ones, and a
+    # trace taken without padding would bake that shortcut in and mis-pool every padded batch.
+    attention_mask[1, 5:] = 0
+    input_ids[1, 5:] = pad_id
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "embedding": {0: "batch"},
+    }
+    return _export(
+        PooledEncoder(model), (input_ids, attention_mask), path, ENCODER_INPUTS, ("embedding",), axes, opset
+    )
+
+
+def quantise_int8(fp32: Path, dest: Path, work_dir: Path) -> Path:
+    """Optimise and quantise an exported model (the encoder) to dynamic int8, weights per channel.
+
+    ``quant_pre_process`` (ONNX Runtime graph optimisation and shape inference) runs first, as ONNX
+    Runtime recommends; its symbolic shape inference cannot resolve the tracer's dynamic sequence axis,
+    so only the ONNX shape inference runs. Per-channel weight scales keep the embeddings' mean cosine
+    to fp32 above 0.99 on MiniLM (per-tensor scales give ~0.965).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pre = work_dir / f"{Path(dest).stem}.pre.onnx"
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quantize_dynamic(str(pre), str(dest), weight_type=QuantType.QInt8, per_channel=True)
+    return Path(dest)
+
+
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads and all graph optimisations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # ORT warns about unused initialisers that folding left behind
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_scorer(
+    sess: ort.InferenceSession, history: np.ndarray, profile: np.ndarray, features: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, gates)`` of the ONNX scorer for dense float32 inputs."""
+    feeds = {
+        "history": np.ascontiguousarray(history, dtype=np.float32),
+        "profile": np.ascontiguousarray(profile, dtype=np.float32),
+        "features": np.ascontiguousarray(features, dtype=np.float32),
+    }
+    scores, gates = sess.run(list(SCORER_OUTPUTS), feeds)
+    return np.asarray(scores), np.asarray(gates)
+
+
+def check_max_abs(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> float:
+    """Return the max-abs difference of two arrays, raising :class:`ParityError` above ``tolerance``."""
+    if reference.shape != candidate.shape:
+        raise ParityError(f"{name}: ONNX output shape {candidate.shape} != torch {reference.shape}")
+    diff = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64)), initial=0.0))
+    if not np.isfinite(diff) or diff > tolerance:
+        raise ParityError(f"{name}: ONNX vs torch max-abs difference {diff:.3g} > tolerance {tolerance:g}")
+    return diff
+
+
+def check_scorer_parity(
+    net: FusionNet,
+    sess: ort.InferenceSession,
+    history: np.ndarray,
+    profile: np.ndarray,
+    features: np.ndarray,
+    tolerance: float,
+) -> float:
+    """Max-abs difference of scores and gates between the ONNX scorer and torch (raises above tolerance)."""
+    with torch.no_grad():
+        scores, gates = ScorerWithGates(net.eval())(
+            torch.from_numpy(np.asarray(history, np.float32)),
+            torch.from_numpy(np.asarray(profile, np.float32)),
+            torch.from_numpy(np.asarray(features, np.float32)),
+        )
+    onnx_scores, onnx_gates = run_scorer(sess, history, profile, features)
+    return max(
+        check_max_abs("scorer scores", scores.numpy(), onnx_scores, tolerance),
+        check_max_abs("scorer gates", gates.numpy(), onnx_gates, tolerance),
+    )
+
+
+def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean cosine similarity of matching rows."""
+    a = reference.astype(np.float64)
+    b = candidate.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
+
+
+def check_cosine(reference: np.ndarray, candidate: np.ndarray, minimum: float) -> float:
+    """Mean cosine of int8 against fp32 embeddings, raising :class:`ParityError` below ``minimum``."""
+    value = mean_cosine(reference, candidate)
+    if not value >= minimum:
+        raise ParityError(f"int8 encoder: mean cosine to fp32 embeddings {value:.4f} < minimum {minimum:g}")
+    return value
+
+
+def check_relative(name: str, reference: float, candidate: float, maximum: float) -> float:
+    """Relative difference ``|candidate - reference| / reference``, raising above ``maximum``."""
+    diff = abs(candidate - reference) / abs(reference) if reference else abs(candidate - reference)
+    if not diff <= maximum:
+        raise ParityError(
+            f"{name}: ONNX {candidate:.5f} vs torch {reference:.5f}, relative difference {diff:.4f} "
+            f"> {maximum:g}"
+        )
+    return diff
+
+
+class OnnxEncoder:
+    """Encode texts with an exported encoder and the ``tokenizers`` library, as serving does.
+
+    Tokenisation (truncation to ``max_length``, no padding), length-sorted batching and right padding
+    mirror :meth:`components.text.encoder.Encoder.encode`, so the two agree up to numerics.
+    """
+
+    def __init__(
+        self,
+        onnx_path: Path,
+        tokenizer_json: Path,
+        max_length: int,
+        pad_id: int,
+        batch_size: int = 64,
+        threads: int = 1,
+    ) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length)
+        self.session = session(onnx_path, threads)
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self.dim = int(self.session.get_outputs()[0].shape[1])
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, batch_size: int = 64, threads: int = 1) -> OnnxEncoder:
+        """The encoder of a bundle directory (``encoder.onnx``, ``tokenizer/``, ``encoder.json``)."""
+        meta = read_json(Path(bundle) / ENCODER_JSON)
+        return cls(
+            Path(bundle) / ENCODER_ONNX,
+            Path(bundle) / TOKENIZER_DIR / "tokenizer.json",
+            int(meta["max_length"]),
+            int(meta["pad_id"]),
+            batch_size,
+            threads,
+        )
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings ``(n, dim)`` float32 in input order."""
+        from components.text.encoder import check_texts
+
+        check_texts(texts)
+        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        order = np.argsort(-np.fromiter((len(r) for r in ids), np.int64, count=len(ids)), kind="stable")
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = max(len(ids[int(k)]) for k in rows)
+            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, k in enumerate(rows):
+                row = ids[int(k)]
+                input_ids[r, : len(row)] = row
+                mask[r, : len(row)] = 1
+            (emb,) = self.session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})
+            out[rows] = emb
+        return out
+
+
+class OnnxScorer:
+    """The ONNX scorer behind the baselines' ``score(users, history)`` interface (for evaluation)."""
+
+    def __init__(self, sess: ort.InferenceSession, bank: FeatureBank, profile: np.ndarray) -> None:
+        self.session = sess
+        self.bank = bank
+        self.profile = np.asarray(profile, dtype=np.float32)
+
+    def score(self, users: np.ndarray, history: sp.csr_matrix | None = None) -> np.ndarray:
+        """Scores ``(len(users), n_items)`` of known users from ``history`` (required)."""
+        if history is None:
+            raise ValueError("OnnxScorer needs the history matrix")
+        users = np.asarray(users, dtype=np.int64)
+        rows = sp.csr_matrix(history, dtype=np.float32)[users]
+        features = self.bank.rows(rows, users)
+        scores, _ = run_scorer(self.session, rows.toarray(), self.profile[users], features)
+        return scores
+
+
+def evaluate_onnx(
+    scorer: OnnxScorer,
+    data: evaluate.EvalData,
+    part: str,
+    ks: list[int],
+    activity_buckets: list[int],
+    block_size: int = 1024,
+) -> dict[str, Any]:
+    """:func:`components.evaluate.evaluate` with the ONNX scorer (which only implements ``score``)."""
+    return evaluate.evaluate(cast("Recommender", scorer), data, part, ks, activity_buckets, block_size)
+
+
+def scorer_latency(
+    sess: ort.InferenceSession,
+    history: np.ndarray,
+    profile: np.ndarray,
+    features: np.ndarray,
+    runs: int = 300,
+    warmup: int = 20,
+) -> dict[str, float]:
+    """p50/p99/mean milliseconds of ``session.run`` on one fixed batch (feature computation excluded)."""
+    for _ in range(warmup):
+        run_scorer(sess, history, profile, features)
+    times = np.empty(runs)
+    for r in range(runs):
+        start = time.perf_counter()
+        run_scorer(sess, history, profile, features)
+        times[r] = time.perf_counter() - start
+    ms = times * 1000.0
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+    }
+
+
+def file_mb(path: Path) -> float:
+    """Size of a file, or of every file under a directory, in MiB."""
+    path = Path(path)
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def parity_metric(ks: Sequence[int]) -> str:
+    """The NDCG cut-off the NDCG parity is measured at: @10 when evaluated, else the smallest k."""
+    return "ndcg@10" if 10 in ks else f"ndcg@{min(ks)}"
+
+
+def write_skip(directory: Path, model_name: str) -> None:
+    """The marker a baseline's export writes: only the fusion model has an ONNX bundle."""
+    write_json(
+        Path(directory) / SKIP_FILE,
+        {
+            "skipped": True,
+            "model": model_name,
+            "reason": f"model.name is {model_name!r}; only the metarec fusion model is exported to an "
+            "ONNX bundle (baselines are not served or registered)",
+        },
+    )
+
+
+@dataclass
+class EncoderParts:
+    """What the encoder export needs from the workspace: the torch encoder and the item texts."""
+
+    encoder: Any  # components.text.encoder.Encoder, adapter merged
+    texts: list[str]
+    reference: np.ndarray  # torch fp32 embeddings of ``texts`` (from the encode stage's cache)
+    finetuned: bool
+
+
+def load_encoder_parts(paths: Paths, cfg: Config) -> EncoderParts:
+    """Rebuild the encode stage's encoder (with its adapter) and its item texts and embeddings.
+
+    The texts are verbalised exactly as the encode stage did; their torch embeddings come from the
+    embedding cache that stage filled (computed afresh on a miss).
+    """
+    from components import ingest, kg
+    from components.text import features
+    from components.text.encoder import EmbeddingCache, Encoder, resolve_model
+
+    text = cfg.text
+    meta = read_json(paths.text / "items" / "meta.json")
+    adapter = paths.text / "finetune" / "adapter" if meta.get("finetuned") else None
+    encoder = Encoder(resolve_model(text.model), text.max_length, text.batch_size, text.threads, adapter)
+    if meta.get("fingerprint") and meta["fingerprint"] != encoder.fingerprint:
+        raise ParityError(
+            f"the encoder rebuilt from text.model={text.model!r}"
+            f"{' and ' + str(adapter) if adapter else ''} has fingerprint {encoder.fingerprint[:12]}…, but "
+            f"{paths.text} was encoded by {meta['fingerprint'][:12]}…; rerun the encode stage"
+        )
+    _, _, items, _ = ingest.read_processed(paths.processed)
+    graph = kg.load_graph(paths.graph)
+    cache = EmbeddingCache(
+        Path(text.cache_dir) if text.cache_dir else paths.root / ".cache" / "text-embeddings"
+    )
+    texts, reference = features.encode_items(
+        encoder,
+        items,
+        graph,
+        text.item_template,
+        text.max_facts,
+        cache,
+        max_titles=text.max_titles,
+        max_shared=text.max_shared,
+    )
+    return EncoderParts(encoder, texts, reference, adapter is not None)
+
+
+def _copy_tables(paths: Paths, dest: Path, item_text: np.ndarray) -> None:
+    from components.metapaths import report
+    from components.text.verbalise import item_titles
+
+    items = pd.read_parquet(paths.processed / "items.parquet")
+    titles = item_titles(items)
+    table = pd.DataFrame(
+        {
+            "item": items["item"].astype(np.int64),
+            "item_id": items["item_id"].astype(str),
+            "title": [titles[int(i)] for i in items["item"]],
+        }
+    )
+    table.to_parquet(dest / "items.parquet", index=False)
+    pd.read_parquet(paths.processed / "users.parquet").to_parquet(dest / "users.parquet", index=False)
+    shutil.copyfile(paths.metapaths / report.METAPATHS_FILE, dest / "metapaths.json")
+    shutil.copytree(paths.graph, dest / "graph")
+    np.savez(
+        dest / ITEM_EMBEDDINGS,
+        ids=np.asarray(table["item_id"].tolist(), dtype=str),
+        vectors=np.asarray(item_text, dtype=np.float32),
+    )
+
+
+def model_card(
+    cfg: Config,
+    metrics: dict[str, Any],
+    channels: list[str],
+    n_items: int,
+    n_users: int,
+    encoder_name: str,
+    finetuned: bool,
+) -> str:
+    """The bundle's model card (markdown)."""
+
+    def table(section: dict[str, Any]) -> str:
+        keys = [k for k in sorted(section) if k != "n_users"]
+        head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+        return head + "| " + " | ".join(f"{float(section[k]):.4f}" for k in keys) + " |"
+
+    m = cfg.model.metarec
+    parity, latency, sizes = metrics["parity"], metrics["latency"], metrics["sizes"]
+    cold = metrics.get("cold")
+    lines = [
+        "# metarec fusion recommender",
+        "",
+        "## Model",
+        f"Metapath channels ({len(channels)}: {', '.join(channels)}) fused per user with a bilinear "
+        f"text term over `{encoder_name}` embeddings (LoRA fine-tuned: "
+        f"{'yes' if finetuned else 'no'}) and item-ID factors (rank {m.rank}); "
+        f"switches: paths={m.use_paths}, text={m.use_text}, ids={m.use_ids}. "
+        "Served as ONNX: the scorer in fp32, the text encoder in dynamic int8.",
+        "",
+        "## Data",
+        f"Dataset `{cfg.data.name}` ({n_users} users, {n_items} items), split `{cfg.split.protocol}` "
+        f"(train {cfg.split.train_ratio}, valid {cfg.split.valid_ratio}), seed {cfg.seed}; implicit "
+        "feedback, full ranking excluding already-seen items.",
+        "",
+        "## Metrics",
+        f"Warm test (torch model, {int(metrics['warm'].get('n_users', 0))} users):",
+        "",
+        table(metrics["warm"]),
+        "",
+    ]
+    if cold:
+        lines += [
+            f"Cold items ({cfg.eval.cold_fraction:.0%} of items refitted without interactions, "
+            f"{int(cold.get('n_users', 0))} users):",
+            "",
+            table(cold),
+            "",
+        ]
+    lines += [
+        "## Export parity",
+        f"- scorer fp32 ONNX vs torch, max-abs difference: {parity['max_abs_diff_scorer']:.3g} "
+        f"(tolerance {cfg.export.max_abs_diff:g})",
+        f"- encoder fp32 ONNX vs torch, max-abs difference: {parity['max_abs_diff_encoder']:.3g}",
+        f"- int8 vs fp32 embeddings, mean cosine over {parity['cosine_texts']} item texts: "
+        f"{parity['int8_mean_cosine']:.4f} (minimum {cfg.export.min_int8_cosine:g})",
+        f"- test {parity['ndcg_metric']}: torch {parity['ndcg_torch']:.4f}, ONNX {parity['ndcg_onnx']:.4f}, "
+        f"relative difference {parity['ndcg_rel_diff']:.2e} (maximum {cfg.export.max_ndcg_rel_diff:g})",
+        f"- scorer latency (batch 1, {cfg.export.latency_threads} thread(s), "
+        f"{cfg.export.latency_runs} runs): "
+        f"p50 {latency['scorer_p50_ms']:.3f} ms, p99 {latency['scorer_p99_ms']:.3f} ms; int8 encoder "
+        f"{latency['encoder_texts_per_s']:.0f} texts/s on {cfg.export.threads} thread(s)",
+        f"- sizes: encoder {sizes['encoder_mb']:.1f} MiB (fp32 {sizes['encoder_fp32_mb']:.1f} MiB), "
+        f"scorer {sizes['scorer_mb']:.1f} MiB, bundle {sizes['bundle_mb']:.1f} MiB",
+        "",
+        "## Intended use",
+        "Top-k movie recommendations with metapath explanations for the catalogue it was trained on: known "
+        "users from their history, cold users from a profile and/or a few items. A research/demo "
+        "recommender on MovieLens-style implicit feedback.",
+        "",
+        "## Limitations",
+        "- Trained on one public dataset with a temporal split; popularity and demographic biases of the "
+        "data carry over, and the offline metrics do not measure fairness or user satisfaction.",
+        "- New items need a text embedding and graph links computed offline: the item table, feature "
+        "suffixes and graph are frozen in this bundle, so items added later are not ranked until retrained.",
+        "- The int8 encoder approximates the fp32 one (mean cosine above); a cold user's profile text "
+        "is embedded with it, their warm counterparts with the fp32 table in the bundle.",
+        "- Explanations are path instances in the knowledge graph, not the model's causal reasons.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict[str, Any]:
+    """Export, check and write the serving bundle into ``dest`` (an empty directory); return the manifest.
+
+    Args:
+        paths: The workspace.
+        cfg: Its config (``export`` thresholds, ``text`` for the encoder).
+        dest: The bundle directory being written (the export stage renames it into place afterwards).
+        work_dir: Scratch space for intermediate ONNX files (not part of the bundle).
+
+    Raises:
+        ParityError: A parity check failed; nothing in ``dest`` is to be kept.
+        FileNotFoundError: The model or ``metrics.json`` is missing.
+    """
+    from components import tracking
+    from components.model.recommender import MetarecRecommender
+    from components.stages import load_parts
+    from registry.bundle_io import write_manifest
+
+    ex = cfg.export
+    if not paths.metrics.is_file():
+        raise FileNotFoundError(f"{paths.metrics} missing: the export compares against the evaluate stage's")
+    torch_metrics = read_json(paths.metrics)
+    if torch_metrics.get("model") != "metarec":
+        raise ParityError(f"{paths.metrics} holds {torch_metrics.get('model')!r} metrics; rerun evaluate")
+    model = MetarecRecommender.load(paths.model)
+    net, bank = model.net.eval(), model.bank
+    loaded = load_parts(paths)
+    train = loaded.data.train
+    rng = np.random.default_rng(cfg.seed)
+    n_users = train.shape[0]
+
+    # Scorer: export, then fp32 parity on a seeded sample of real users.
+    scorer_path = export_scorer(net, dest / SCORER_ONNX, ex.opset)
+    batch_sess = session(scorer_path, ex.threads)
+    sample = np.sort(rng.choice(n_users, size=min(ex.parity_users, n_users), replace=False))
+    rows = train[sample]
+    max_abs_scorer = check_scorer_parity(
+        net, batch_sess, rows.toarray(), model.profile[sample], bank.rows(rows, sample), ex.max_abs_diff
+    )
+
+    # NDCG parity: the evaluate stage's protocol with the ONNX scorer in place of torch.
+    name = parity_metric(cfg.eval.ks)
+    onnx_eval = evaluate_onnx(
+        OnnxScorer(batch_sess, bank, model.profile),
+        loaded.data,
+        "test",
+        cfg.eval.ks,
+        cfg.eval.activity_buckets,
+        cfg.eval.block_size,
+    )
+    ndcg_torch = float(torch_metrics["test"][name])
+    ndcg_onnx = float(onnx_eval["overall"][name])
+    ndcg_rel = check_relative(f"test {name}", ndcg_torch, ndcg_onnx, ex.max_ndcg_rel_diff)
+
+    # Latency: batch 1, one user's real inputs, session.run only.
+    one = np.asarray([sample[0]])
+    latency_sess = session(scorer_path, ex.latency_threads)
+    latency = scorer_latency(
+        latency_sess, train[one].toarray(), model.profile[one], bank.rows(train[one], one), ex.latency_runs
+    )
+
+    # Encoder: export fp32 (scratch), int8 into the bundle; parity against the torch encoder.
+    parts = load_encoder_parts(paths, cfg)
+    tokenizer = parts.encoder.tokenizer
+    pad_id = int(tokenizer.pad_token_id)
+    fp32_path = export_encoder(parts.encoder.model, work_dir / "encoder.fp32.onnx", pad_id, ex.opset)
+    quantise_int8(fp32_path, dest / ENCODER_ONNX, work_dir)
+    tokenizer.save_pretrained(str(dest / TOKENIZER_DIR))
+    write_json(
+        dest / ENCODER_JSON,
+        {
+            "max_length": cfg.text.max_length,
+            "input_names": list(ENCODER_INPUTS),
+            "output_name": "embedding",
+            "dim": int(parts.reference.shape[1]),
+            "pad_id": pad_id,
+            "pooling": "mean over attention_mask, L2-normalised",
+            "quantisation": "dynamic int8 (QInt8 weights, per channel)",
+            "model": cfg.text.model,
+            "fingerprint": parts.encoder.fingerprint,
+            "finetuned": parts.finetuned,
+        },
+    )
+    tokenizer_json = dest / TOKENIZER_DIR / "tokenizer.json"
+    fp32_enc = OnnxEncoder(
+        fp32_path, tokenizer_json, cfg.text.max_length, pad_id, cfg.text.batch_size, ex.threads
+    )
+    picked = np.sort(
+        rng.choice(len(parts.texts), size=min(ex.encoder_sample, len(parts.texts)), replace=False)
+    )
+    max_abs_encoder = check_max_abs(
+        "encoder embeddings",
+        parts.reference[picked],
+        fp32_enc.encode([parts.texts[int(k)] for k in picked]),
+        ex.max_abs_diff,
+    )
+    int8_enc = OnnxEncoder(
+        dest / ENCODER_ONNX, tokenizer_json, cfg.text.max_length, pad_id, cfg.text.batch_size, ex.threads
+    )
+    start = time.perf_counter()
+    int8_vectors = int8_enc.encode(parts.texts)
+    texts_per_s = len(parts.texts) / (time.perf_counter() - start)
+    cosine = check_cosine(parts.reference, int8_vectors, ex.min_int8_cosine)
+
+    for name_ in MODEL_FILES:
+        shutil.copyfile(paths.model / name_, dest / name_)
+    _copy_tables(paths, dest, net.item_text.numpy())
+
+    metrics: dict[str, Any] = {
+        "warm": torch_metrics["test"],
+        "parity": {
+            "max_abs_diff_scorer": max_abs_scorer,
+            "max_abs_diff_encoder": max_abs_encoder,
+            "int8_mean_cosine": cosine,
+            "ndcg_rel_diff": ndcg_rel,
+            "ndcg_metric": name,
+            "ndcg_torch": ndcg_torch,
+            "ndcg_onnx": ndcg_onnx,
+            "cosine_texts": len(parts.texts),
+        },
+        "latency": {
+            "scorer_p99_ms": latency["p99_ms"],
+            "scorer_p50_ms": latency["p50_ms"],
+            "scorer_mean_ms": latency["mean_ms"],
+            "encoder_texts_per_s": texts_per_s,
+        },
+        "sizes": {
+            "encoder_mb": file_mb(dest / ENCODER_ONNX),
+            "encoder_fp32_mb": file_mb(fp32_path),
+            "scorer_mb": file_mb(scorer_path),
+            "bundle_mb": file_mb(dest),
+        },
+    }
+    if "cold" in torch_metrics:
+        metrics["cold"] = torch_metrics["cold"]
+    card = model_card(
+        cfg, metrics, bank.names, int(net.cfg.n_items), n_users, str(parts.encoder.ref.name), parts.finetuned
+    )
+    return write_manifest(
+        dest,
+        metrics=metrics,
+        config=cfg.model_dump(mode="json"),
+        data_version=tracking.data_version(paths.root),
+        git_commit=tracking.git_commit(),
+        model_card=card,
+    )
+
+
+def make_work_dir(paths: Paths) -> tempfile.TemporaryDirectory[str]:
+    """Scratch directory next to the bundle (same file system, removed afterwards)."""
+    parent = paths.root / "models"
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=".export-work-", dir=parent)

@@ -1,0 +1,275 @@
+"""Metapath feature channels of the fusion model, as matrices a server can apply without the graph.
+
+A user→item metapath ``r1 r2 … rk`` factors into the user's row of its first relation (the user's
+history for ``interacted``, a one-hot attribute for ``user.occupation``) times the product of the
+remaining relations, the *suffix* (source × items). Under PathSim weighting the user's own path count
+only scales the row, which the per-user max normalisation cancels, so every channel is
+
+    f_c(u, ·) = normalise_rows(src_c(u) @ S_c),   S_c = (A2 … Ak) · diag(1 / sqrt(M_·i))
+
+and equals ``normalise_rows(Counter.block(path, u))`` of the mining stage (tested). Keeping only
+``S_c`` means a new interaction or a cold user's profile changes the features at once, without the
+training graph. Besides mined metapaths there are two non-path channels: item popularity (log counts)
+and, optionally, an EASE item–item channel (a learned ``user–item–user–item`` path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from components.kg import INTERACTED, HeteroGraph
+from components.metapaths.counting import Counter
+from components.metapaths.schema import Metapath
+from components.storage import read_json, write_json
+
+HISTORY = "history"
+CONSTANT = "constant"
+FEATURES_JSON = "features.json"
+FEATURES_NPZ = "features.npz"
+
+
+@dataclass
+class Channel:
+    """One feature channel: where its source row comes from and its suffix matrix."""
+
+    name: str
+    # "history" (the user's interacted items), "constant" (same row for everyone) or a user-attribute
+    # relation key such as "user.occupation" whose rows are one-hot over that attribute's values.
+    source: str
+    suffix: np.ndarray  # (n_source, n_items) float32; (1, n_items) for a constant channel
+    kind: str = "metapath"  # metapath | popularity | ease
+    metapath_id: str | None = None
+
+
+@dataclass
+class FeatureBank:
+    """The channels of a trained model plus the user-attribute rows they need."""
+
+    channels: list[Channel]
+    n_items: int
+    # relation key -> (n_users, n_values) CSR rows of known users, for attribute-sourced channels
+    user_attributes: dict[str, sp.csr_matrix] = field(default_factory=dict)
+    # relation key -> attribute value ids, so a cold user's profile can be mapped to a one-hot row
+    attribute_values: dict[str, list[str]] = field(default_factory=dict)
+    # relation key -> the profile field it was built from (``user.age_bucket`` <- ``age``)
+    attribute_fields: dict[str, str] = field(default_factory=dict)
+    # Upper edges of the age buckets the graph used, to bucket a cold user's raw age the same way.
+    age_buckets: list[int] = field(default_factory=list)
+
+    @property
+    def collaborative(self) -> np.ndarray:
+        """Channels that reach an item only through its interactions (zero for a cold item)."""
+        return np.asarray(
+            [
+                c.kind in ("popularity", "ease") or (c.metapath_id or "").split("|")[-1] == INTERACTED
+                for c in self.channels
+            ],
+            dtype=bool,
+        )
+
+    @property
+    def names(self) -> list[str]:
+        """Channel names in order."""
+        return [c.name for c in self.channels]
+
+    def rows(
+        self,
+        history: sp.csr_matrix,
+        users: np.ndarray | None = None,
+        attributes: dict[str, sp.csr_matrix] | None = None,
+    ) -> np.ndarray:
+        """Feature tensor ``(n, n_channels, n_items)`` float32 for ``n`` users.
+
+        Args:
+            history: ``(n, n_items)`` binary history rows of the users.
+            users: Indices of known users (for attribute-sourced channels), or None.
+            attributes: Attribute rows ``(n, n_values)`` per relation key for users not in the
+                training graph (cold users); takes precedence over ``users``.
+        """
+        n = history.shape[0]
+        out = np.zeros((n, len(self.channels), self.n_items), dtype=np.float32)
+        for c, channel in enumerate(self.channels):
+            if channel.source == CONSTANT:
+                out[:, c, :] = channel.suffix[0]
+                continue
+            if channel.source == HISTORY:
+                src = history
+            elif attributes is not None and channel.source in attributes:
+                src = attributes[channel.source]
+            elif users is not None:
+                src = self.user_attributes[channel.source][users]
+            else:
+                continue  # an attribute the caller does not know: the channel stays zero
+            raw = np.asarray(src @ channel.suffix, dtype=np.float32)
+            out[:, c, :] = _normalise(raw)
+        return out
+
+    def profile_attributes(self, profile: dict[str, str]) -> dict[str, sp.csr_matrix]:
+        """One-hot attribute rows for one cold user's profile (unknown values give an empty row)."""
+        from components.kg import age_bucket
+
+        out = {}
+        for key, values in self.attribute_values.items():
+            field_name = self.attribute_fields.get(key) or (key.split(".", 1)[1] if "." in key else key)
+            row = sp.csr_matrix((1, len(values)), dtype=np.float32)
+            value = profile.get(field_name)
+            if value is not None and field_name == "age" and self.age_buckets:
+                try:
+                    value = age_bucket(str(value), self.age_buckets)
+                except ValueError:
+                    value = None  # not a number: no age channel rather than a wrong one
+            if value is not None and str(value) in values:
+                row = sp.csr_matrix(
+                    (np.ones(1, np.float32), ([0], [values.index(str(value))])), shape=(1, len(values))
+                )
+            out[key] = row
+        return out
+
+    def save(self, directory: Path) -> None:
+        """Write ``features.json`` and ``features.npz`` (no pickle)."""
+        arrays: dict[str, np.ndarray] = {}
+        meta: dict[str, Any] = {
+            "n_items": self.n_items,
+            "channels": [],
+            "attributes": {},
+            "age_buckets": list(self.age_buckets),
+        }
+        for c, channel in enumerate(self.channels):
+            arrays[f"suffix_{c}"] = channel.suffix.astype(np.float32)
+            meta["channels"].append(
+                {
+                    "name": channel.name,
+                    "source": channel.source,
+                    "kind": channel.kind,
+                    "metapath_id": channel.metapath_id,
+                }
+            )
+        for a, (key, matrix) in enumerate(sorted(self.user_attributes.items())):
+            coo = matrix.tocoo()
+            arrays[f"attr_{a}_rows"] = coo.row.astype(np.int64)
+            arrays[f"attr_{a}_cols"] = coo.col.astype(np.int64)
+            meta["attributes"][key] = {
+                "index": a,
+                "shape": list(matrix.shape),
+                "values": self.attribute_values.get(key, []),
+                "field": self.attribute_fields.get(key, ""),
+            }
+        np.savez(Path(directory) / FEATURES_NPZ, **arrays)  # type: ignore[arg-type]
+        write_json(Path(directory) / FEATURES_JSON, meta)
+
+    @classmethod
+    def load(cls, directory: Path) -> FeatureBank:
+        """Read what :meth:`save` wrote."""
+        meta = read_json(Path(directory) / FEATURES_JSON)
+        with np.load(Path(directory) / FEATURES_NPZ, allow_pickle=False) as data:
+            channels = [
+                Channel(m["name"], m["source"], data[f"suffix_{c}"], m["kind"], m["metapath_id"])
+                for c, m in enumerate(meta["channels"])
+            ]
+            attributes, values, fields = {}, {}, {}
+            for key, info in meta["attributes"].items():
+                fields[key] = info.get("field", "")
+                a = info["index"]
+                rows, cols = data[f"attr_{a}_rows"], data[f"attr_{a}_cols"]
+                attributes[key] = sp.csr_matrix(
+                    (np.ones(len(rows), np.float32), (rows, cols)), shape=tuple(info["shape"])
+                )
+                values[key] = list(info["values"])
+        return cls(
+            channels, int(meta["n_items"]), attributes, values, fields, list(meta.get("age_buckets", []))
+        )
+
+
+def _normalise(raw: np.ndarray) -> np.ndarray:
+    """Divide each row by its largest absolute value; all-zero rows stay zero."""
+    peak = np.abs(raw).max(axis=1, keepdims=True)
+    return np.divide(raw, peak, out=np.zeros_like(raw), where=peak > 0)
+
+
+def suffix_matrix(counter: Counter, path: Metapath) -> np.ndarray:
+    """The dense suffix ``S`` of a metapath (see the module docstring), float32."""
+    if path.length < 2:
+        raise ValueError(f"metapath {path.id} has no suffix: length-1 paths only restate the history")
+    acc: Any = counter.matrix(path.keys[1])
+    for key in path.keys[2:]:
+        acc = acc @ counter.matrix(key)
+    dense = acc.toarray() if sp.issparse(acc) else np.asarray(acc)
+    if counter.weighting == "dwpc" and counter.damping > 0:
+        # DWPC also damps the first relation by its destination degrees: a column scale of the user's
+        # source row, folded into the suffix's rows so the source row stays binary.
+        degrees = np.asarray(counter.graph.matrix(path.keys[0]).sum(axis=0), dtype=np.float64).ravel()
+        rows = np.divide(1.0, degrees**counter.damping, out=np.zeros_like(degrees), where=degrees > 0)
+        dense = rows[:, None] * dense
+    if counter.weighting == "pathsim":
+        _, cols = counter.endpoint_sums(path)
+        scale = np.divide(1.0, np.sqrt(cols), out=np.zeros_like(cols), where=cols > 0)
+        dense = dense * scale[None, :]
+    return np.asarray(dense, dtype=np.float32)
+
+
+def ease_matrix(train: sp.csr_matrix, l2: float) -> np.ndarray:
+    """EASE item–item weights (Steck 2019) fitted on ``train``: B = -P/diag(P), zero diagonal."""
+    x = sp.csr_matrix(train, dtype=np.float64)
+    gram = np.asarray((x.T @ x).toarray())
+    gram[np.diag_indices_from(gram)] += l2
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)[None, :]
+    b[np.diag_indices_from(b)] = 0.0
+    return b.astype(np.float32)
+
+
+def popularity_row(train: sp.csr_matrix) -> np.ndarray:
+    """``log1p(count) / log1p(max count)`` per item, a (1, n_items) row."""
+    counts = np.asarray(train.sum(axis=0), dtype=np.float64).ravel()
+    top = np.log1p(counts.max()) if counts.max() > 0 else 1.0
+    return (np.log1p(counts) / top).astype(np.float32)[None, :]
+
+
+def build_bank(
+    graph: HeteroGraph,
+    train: sp.csr_matrix,
+    paths: list[Metapath],
+    weighting: str,
+    damping: float,
+    ease_l2: float | None,
+    age_buckets: list[int] | None = None,
+) -> FeatureBank:
+    """Channels for ``paths`` on ``graph`` with ``train`` as its interactions, plus popularity/EASE.
+
+    Args:
+        graph: The typed graph (its ``interacted`` relation is replaced by ``train``).
+        train: Binary users × items matrix the features are computed from.
+        paths: User→item metapaths of length ≥ 2.
+        weighting: The mining weighting (``pathsim``, ``dwpc`` or ``count``).
+        damping: DWPC damping.
+        ease_l2: L2 of the EASE channel, or None for no EASE channel.
+        age_buckets: The graph's age bucket edges (``kg.age_buckets``), for cold users' raw ages.
+    """
+    from components.kg import with_interactions
+
+    counter = Counter(with_interactions(graph, train), weighting, damping)  # type: ignore[arg-type]
+    n_items = train.shape[1]
+    channels = []
+    attributes: dict[str, sp.csr_matrix] = {}
+    values: dict[str, list[str]] = {}
+    fields: dict[str, str] = {}
+    for path in paths:
+        first = path.keys[0]
+        source = HISTORY if first == INTERACTED else first
+        if source != HISTORY:
+            attributes[first] = counter.graph.matrix(first).tocsr().astype(np.float32)
+            values[first] = list(counter.graph.node_ids[path.types[1]])
+            source_fields = counter.graph.relations[first].source
+            fields[first] = source_fields[0] if source_fields else ""
+        channels.append(
+            Channel(path.label or path.id, source, suffix_matrix(counter, path), "metapath", path.id)
+        )
+    channels.append(Channel("popularity", CONSTANT, popularity_row(train), "popularity"))
+    if ease_l2 is not None:
+        channels.append(Channel("ease", HISTORY, ease_matrix(train, ease_l2), "ease"))
+    return FeatureBank(channels, n_items, attributes, values, fields, list(age_buckets or []))

@@ -1,0 +1,128 @@
+"""Fit the fusion model from a workspace's stage outputs (used by the train stage and the ablations)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from components import kg, split
+from components.kg import HeteroGraph
+from components.model.data import assemble, model_paths
+from components.model.recommender import MetarecRecommender
+from components.text.features import load_embeddings
+from components.train import EpochLog, TrainConfig, train
+
+
+@dataclass
+class FitData:
+    """Stage outputs the fusion model is fitted from."""
+
+    graph: HeteroGraph
+    train: pd.DataFrame  # training interactions with timestamps (user, item, timestamp)
+    train_matrix: sp.csr_matrix
+    valid_matrix: sp.csr_matrix
+    report: dict[str, Any]  # the mining report (selected metapaths and per-candidate scores)
+    item_text: np.ndarray
+    profile: np.ndarray
+
+    def without_items(self, items: np.ndarray) -> FitData:
+        """The same data with every train and valid interaction on ``items`` removed (cold items)."""
+        cold = np.zeros(self.train_matrix.shape[1], dtype=bool)
+        cold[np.asarray(items, dtype=np.int64)] = True
+        keep = sp.diags((~cold).astype(np.float32))
+        return replace(
+            self,
+            train=self.train[~cold[self.train.item.to_numpy()]].reset_index(drop=True),
+            train_matrix=sp.csr_matrix(self.train_matrix @ keep),
+            valid_matrix=sp.csr_matrix(self.valid_matrix @ keep),
+        )
+
+
+def _aligned(src: Path, expected: list[str], what: str) -> np.ndarray:
+    ids, vectors, _ = load_embeddings(src)
+    if ids != expected:
+        raise ValueError(f"{src}: {what} embeddings are not aligned with the processed {what} table")
+    return vectors
+
+
+def load_fit_data(
+    processed: Path, graph_dir: Path, split_dir: Path, metapaths: Path, text: Path, frozen: bool = False
+) -> FitData:
+    """Read graph, split, mining report and text embeddings (``frozen``: the un-fine-tuned ones)."""
+    users = pd.read_parquet(processed / "users.parquet")
+    items = pd.read_parquet(processed / "items.parquet")
+    parts = split.load_split(split_dir)
+    n_u, n_i = len(users), len(items)
+    base = text / "frozen" if frozen else text
+    if frozen and not base.exists():
+        raise FileNotFoundError(f"{base} missing: frozen embeddings exist only when fine-tuning is enabled")
+    profiles = base / "profiles"
+    if not profiles.exists():
+        raise FileNotFoundError(f"{profiles} missing: rerun the encode stage (metarec stage encode)")
+    return FitData(
+        graph=kg.load_graph(graph_dir),
+        train=parts.train,
+        train_matrix=split.to_matrix(parts.train, n_u, n_i),
+        valid_matrix=split.to_matrix(parts.valid, n_u, n_i),
+        report=json.loads((metapaths / "metapaths.json").read_text(encoding="utf-8")),
+        item_text=_aligned(base / "items", list(items.item_id.astype(str)), "item"),
+        profile=_aligned(profiles, list(users.user_id.astype(str)), "user"),
+    )
+
+
+def train_config(mcfg: Any, seed: int, threads: int = 2) -> TrainConfig:
+    """The loop's config from the ``model.metarec`` section."""
+    return TrainConfig(
+        epochs=mcfg.epochs,
+        patience=mcfg.patience,
+        lr=mcfg.lr,
+        weight_decay=mcfg.weight_decay,
+        id_reg=mcfg.id_reg,
+        item_dropout=mcfg.item_dropout,
+        batch_users=mcfg.batch_users,
+        holdout=mcfg.holdout,
+        rank=mcfg.rank,
+        use_paths=mcfg.use_paths,
+        use_text=mcfg.use_text,
+        use_ids=mcfg.use_ids,
+        seed=seed,
+        threads=threads,
+    )
+
+
+def fit(
+    data: FitData,
+    mcfg: Any,
+    weighting: str,
+    damping: float,
+    seed: int,
+    on_epoch: EpochLog | None = None,
+    config: dict[str, Any] | None = None,
+    age_buckets: list[int] | None = None,
+) -> tuple[MetarecRecommender, dict[str, Any]]:
+    """Train the fusion model on ``data``; return it (scoring with the whole training part) and a summary."""
+    paths = model_paths(data.report, data.graph.schema, mcfg.content_paths)
+    inputs = assemble(
+        data.graph,
+        data.train,
+        data.train_matrix,
+        data.valid_matrix,
+        data.item_text,
+        data.profile,
+        paths,
+        weighting,
+        damping,
+        mcfg.ease_l2,
+        mcfg.holdout,
+        age_buckets,
+    )
+    net, summary = train(inputs, train_config(mcfg, seed), on_epoch)
+    summary["channels"] = inputs.eval_bank.names
+    model = MetarecRecommender(net, inputs.eval_bank, data.profile, data.train_matrix, config)
+    return model, summary

@@ -1,0 +1,502 @@
+"""The HTTP API: recommendations, feedback, health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from starlette.routing import Match
+
+from components.serving.auth import ApiKeyAuth
+from components.serving.engine import Engine
+from components.serving.feedback import FeedbackEvent, FeedbackStore, StoreUnavailableError
+from components.serving.holder import ModelHolder
+from components.serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+MAX_BATCH = 1000
+MAX_HISTORY = 1000
+MAX_PROFILE_FIELDS = 32
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Ids are the dataset's original tokens; bounding them keeps a hostile client from storing megabytes per row.
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+ProfileKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ProfileValue = Annotated[str, StringConstraints(max_length=256)] | int | float
+
+
+class _Strict(BaseModel):
+    # Unknown fields are most likely typos (e.g. "histroy"), which would silently change the answer.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendedItem(_Strict):
+    """One recommended item."""
+
+    item_id: str
+    rank: int
+    score: float
+    explanation: str | None
+
+
+class RecommendationResponse(_Strict):
+    """A ranked list and the model version that produced it (send it back with impressions)."""
+
+    user_id: str | None
+    model_version: str
+    # Quote it in feedback events (request_id) to tie them to this list.
+    request_id: str
+    items: list[RecommendedItem]
+
+
+class RecommendRequest(_Strict):
+    """Recommendations for a cold or partially known user, from a profile and/or an interaction history."""
+
+    user_id: Id | None = None
+    # Side information such as gender, age, occupation, zip_code; numbers are passed on as strings.
+    profile: dict[ProfileKey, ProfileValue] | None = Field(default=None, max_length=MAX_PROFILE_FIELDS)
+    history: list[Id] | None = Field(default=None, max_length=MAX_HISTORY)
+    k: int = Field(default=10, ge=1, le=MAX_K)
+    explain: bool = True
+
+    @model_validator(mode="after")
+    def _something_to_rank_for(self) -> RecommendRequest:
+        if self.user_id is None and not self.profile and not self.history:
+            raise ValueError("give at least one of user_id, profile or history")
+        return self
+
+
+class FeedbackIn(_Strict):
+    """One client event; ``event_id`` makes retries safe (an id already stored is not stored again)."""
+
+    event_id: Id
+    type: Literal["impression", "click", "rating"]
+    user_id: Id
+    item_id: Id
+    # Client event time: ISO 8601 with a timezone, or seconds since the epoch; the receive time if absent.
+    ts: AwareDatetime | float | None = None
+    # The rating; required for "rating" events and refused for the others.
+    value: float | None = Field(default=None, allow_inf_nan=False)
+    # The version that produced the list (response's model_version); required for impressions.
+    model_version: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    request_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+    # 1-based rank at which the item was shown.
+    position: int | None = Field(default=None, ge=1, le=MAX_K)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeedbackIn:
+        if self.type == "rating" and self.value is None:
+            raise ValueError("a rating event needs a value")
+        if self.type != "rating" and self.value is not None:
+            raise ValueError(f"value is only for rating events, not {self.type}")
+        if self.type == "impression" and self.model_version is None:
+            raise ValueError("an impression needs the model_version that produced it")
+        if isinstance(self.ts, float) and not (math.isfinite(self.ts) and self.ts >= 0):
+            raise ValueError("ts must be a finite, non-negative epoch time")
+        return self
+
+    def to_event(self, received_at: float) -> FeedbackEvent:
+        """The store's form of this event."""
+        if isinstance(self.ts, datetime):
+            ts = self.ts.timestamp()
+        else:
+            ts = received_at if self.ts is None else float(self.ts)
+        return FeedbackEvent(
+            event_id=self.event_id,
+            type=self.type,
+            user_id=self.user_id,
+            item_id=self.item_id,
+            ts=ts,
+            value=self.value,
+            model_version=self.model_version,
+            request_id=self.request_id,
+            position=self.position,
+        )
+
+
+class FeedbackBatch(_Strict):
+    """A batch of events, stored all together or not at all."""
+
+    events: list[FeedbackIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class FeedbackResult(_Strict):
+    """How many events were new and how many were already stored (retries)."""
+
+    inserted: int
+    duplicates: int
+
+
+class ServingMetrics:
+    """The app's Prometheus metrics, on a registry of its own so several apps can live in one process.
+
+    Under several worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (``serve`` does) before
+    prometheus_client is imported: values then go to files there and /metrics aggregates all workers.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Register the metrics on ``registry``."""
+        self.registry = registry
+        labels = ["method", "route", "status"]
+        self.requests = Counter(
+            "metarec_http_requests", "HTTP requests by route template and status.", labels, registry=registry
+        )
+        self.latency = Histogram(
+            "metarec_http_request_duration_seconds",
+            "HTTP request latency by route template and status.",
+            labels,
+            registry=registry,
+            # Finer below 10 ms, where the latency goal (p99 <= 10 ms) sits.
+            buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+        )
+        self.model_info = Gauge(
+            "metarec_model_info",
+            "1 for the model version being served, 0 for versions served before.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self.model_swaps = Counter(
+            "metarec_model_swaps", "Model versions installed, the first load included.", registry=registry
+        )
+        self.feedback = Counter(
+            "metarec_feedback_events",
+            "Feedback events written (inserted) or recognised as retries (duplicate).",
+            ["result"],
+            registry=registry,
+        )
+
+    def on_swap(self, old: str | None, new: str) -> None:
+        """Holder listener: move the model_info gauge to the new version."""
+        if old is not None:
+            self.model_info.labels(version=old).set(0)
+        self.model_info.labels(version=new).set(1)
+        self.model_swaps.inc()
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The metrics in the format the scraper asked for, aggregated over workers in multiprocess mode."""
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(registry), content_type
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"request body larger than {limit} bytes")
+
+
+class ObserveMiddleware:
+    """Pure ASGI middleware: enforces the body size limit and records request metrics.
+
+    Pure ASGI rather than ``BaseHTTPMiddleware`` because the latter adds a task and a stream per request,
+    a measurable share of a millisecond-scale latency budget.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, max_body_bytes: int, routes: list[Any]) -> None:
+        """Wrap ``app``; ``routes`` resolve the route template of requests refused before routing."""
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                started = True
+            await send(message)
+
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > self.max_body_bytes:
+                # Refuse before reading: a client announcing 1 GB must not make us buffer it.
+                await _send_json(send_observed, 413, {"detail": _BodyTooLarge(self.max_body_bytes).detail})
+                return
+            received = 0
+
+            async def receive_limited() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body_bytes:
+                        # Chunked bodies announce no length; FastAPI re-raises HTTPExceptions from here.
+                        raise _BodyTooLarge(self.max_body_bytes)
+                return message
+
+            await self.app(scope, receive_limited, send_observed)
+        except _BodyTooLarge as err:
+            if started:
+                raise
+            await _send_json(send_observed, 413, {"detail": err.detail})
+        finally:
+            elapsed = time.perf_counter() - start
+            labels = (scope["method"], self._route(scope), str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(elapsed)
+
+    def _route(self, scope: Scope) -> str:
+        # The template, never the raw path: one time series per user id would swamp Prometheus.
+        route = scope.get("route")
+        if route is None:
+            for candidate in self.routes:
+                if candidate.matches(scope)[0] is Match.FULL:
+                    route = candidate
+                    break
+        path = getattr(route, "path", None)
+        return path if isinstance(path, str) else "<unmatched>"
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    response = JSONResponse(body, status_code=status)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def _unknown_user(user_id: str | None) -> str:
+    return f"unknown user {user_id!r}; POST /recommendations with a profile or history for new users"
+
+
+def _plain(value: Any) -> Any:
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
+
+
+def _reason(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+    return "; ".join(parts)
+
+
+def create_app(
+    holder: ModelHolder,
+    store: FeedbackStore,
+    settings: ServeSettings | None = None,
+    auth: ApiKeyAuth | None = None,
+    manage: bool = True,
+) -> FastAPI:
+    """Build the serving app around a model holder and a feedback store.
+
+    Args:
+        holder: Supplies the current engine; its poller is started with the app when ``manage``.
+        store: Where feedback goes.
+        settings: Body limit and auth options; defaults when None.
+        auth: Key checks; built from the environment and ``settings`` when None.
+        manage: Start the holder's poller on startup, and stop it and close the store on shutdown.
+    """
+    settings = settings or ServeSettings()
+    if auth is None:
+        auth = ApiKeyAuth.from_env(settings.require_key_for_reads, settings.allow_anonymous_writes)
+    metrics = ServingMetrics(CollectorRegistry(auto_describe=True))
+    holder.add_listener(metrics.on_swap)
+    if holder.version is not None:
+        metrics.model_info.labels(version=holder.version).set(1)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage:
+            holder.start()
+        try:
+            yield
+        finally:
+            if manage:
+                holder.stop()
+                store.close()
+
+    app = FastAPI(
+        title="metarec serving",
+        summary="Knowledge-graph metapath recommendations from the registry's champion model.",
+        lifespan=lifespan,
+    )
+    app.state.holder = holder
+    app.state.store = store
+    app.state.metrics = metrics
+    app.add_middleware(
+        ObserveMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        routes=app.router.routes,
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_failed(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [dict(error) for error in exc.errors()]
+        for error in errors:
+            # Echoing the input back can return a whole (up to 1 MiB) body; the location says enough.
+            error.pop("input", None)
+            if isinstance(error.get("ctx"), dict):
+                # A validator's exception object would serialise as {}; its message is what helps.
+                error["ctx"] = {key: _plain(value) for key, value in error["ctx"].items()}
+        return JSONResponse(
+            status_code=422, content={"detail": jsonable_encoder(errors), "reason": _reason(errors)}
+        )
+
+    def current_engine() -> Engine:
+        engine = holder.engine
+        if engine is None:
+            raise HTTPException(
+                status_code=503, detail="no model loaded yet; retry shortly", headers={"Retry-After": "1"}
+            )
+        return engine
+
+    def answer(
+        engine: Engine,
+        user_id: str | None,
+        k: int,
+        profile: dict[str, str] | None,
+        history: list[str] | None,
+        explain: bool,
+    ) -> Response:
+        try:
+            items = engine.recommend(user_id, k, profile=profile, history=history, explain=explain)
+        except KeyError as err:
+            if user_id is not None and not engine.known_user(user_id):
+                raise HTTPException(status_code=404, detail=_unknown_user(user_id)) from err
+            raise  # a KeyError for a known user is an engine bug: a 500, not a misleading 404
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from err
+        body = RecommendationResponse(
+            user_id=user_id,
+            model_version=engine.version,
+            request_id=uuid.uuid4().hex,
+            items=[RecommendedItem(**item) for item in items],
+        )
+        # Serialised here, once: returned as a model, FastAPI would validate and encode it again, a
+        # noticeable share of a sub-millisecond request.
+        return Response(content=body.model_dump_json(), media_type="application/json")
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        """The process is up (liveness); says nothing about the model."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"], responses={503: {"description": "No model loaded yet"}})
+    async def ready() -> JSONResponse:
+        """200 once a model is loaded and requests can be answered, 503 before."""
+        version = holder.version
+        if version is None:
+            return JSONResponse(status_code=503, content={"ready": False, "detail": "no model loaded yet"})
+        return JSONResponse(content={"ready": True, "model_version": version})
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics: requests and latency by route and status, model version, feedback written."""
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        return Response(content=body, media_type=content_type)
+
+    # Open reads skip the dependency altogether: resolving even a no-op one costs per request.
+    read_checks = [Depends(auth.check_read)] if auth.require_key_for_reads else []
+
+    @app.get(
+        "/recommendations/{user_id}",
+        tags=["recommendations"],
+        response_model=RecommendationResponse,
+        dependencies=read_checks,
+        responses={404: {"description": "Unknown user"}, 503: {"description": "No model loaded yet"}},
+    )
+    def recommend_known(
+        user_id: Annotated[str, Path(min_length=1, max_length=128, description="Dataset's original user id")],
+        k: Annotated[int, Query(ge=1, le=MAX_K, description="Number of items")] = 10,
+        explain: Annotated[bool, Query(description="Include each item's top metapath explanation")] = True,
+    ) -> Response:
+        """Top-k items for a user the model knows, excluding items they interacted with."""
+        # Read the engine once: a swap during this request must not mix two models in one answer.
+        engine = current_engine()
+        if not engine.known_user(user_id):
+            raise HTTPException(status_code=404, detail=_unknown_user(user_id))
+        return answer(engine, user_id, k, None, None, explain)
+
+    @app.post(
+        "/recommendations",
+        tags=["recommendations"],
+        response_model=RecommendationResponse,
+        dependencies=read_checks,
+        responses={404: {"description": "Unknown user and nothing else to go on"}},
+    )
+    def recommend_cold(body: RecommendRequest) -> Response:
+        """Top-k items from a profile and/or history (cold users), optionally for a known user id."""
+        engine = current_engine()
+        profile = {key: str(value) for key, value in body.profile.items()} if body.profile else None
+        return answer(engine, body.user_id, body.k, profile, body.history, body.explain)
+
+    @app.post(
+        "/feedback",
+        tags=["feedback"],
+        dependencies=[Depends(auth.check_write)],
+        responses={
+            401: {"description": "Missing API key"},
+            403: {"description": "Wrong API key"},
+            503: {"description": "Store busy or no model loaded; retry (events are idempotent)"},
+        },
+    )
+    def feedback(body: FeedbackBatch) -> FeedbackResult:
+        """Store impressions, clicks and ratings; answered only after the batch is durable."""
+        engine = current_engine()
+        unknown = [
+            f"events[{i}].item_id={event.item_id!r}"
+            for i, event in enumerate(body.events)
+            if event.item_id not in engine.item_ids
+        ]
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            raise HTTPException(status_code=422, detail=f"unknown items: {shown}")
+        received_at = time.time()
+        try:
+            inserted, duplicates = store.write([event.to_event(received_at) for event in body.events])
+        except StoreUnavailableError as err:
+            # Nothing was written, so a retry of the same batch is safe and stores it once.
+            log.warning("feedback store busy: %s", err)
+            raise HTTPException(
+                status_code=503, detail="feedback store busy; retry the batch", headers={"Retry-After": "1"}
+            ) from err
+        metrics.feedback.labels(result="inserted").inc(inserted)
+        metrics.feedback.labels(result="duplicate").inc(duplicates)
+        return FeedbackResult(inserted=inserted, duplicates=duplicates)
+
+    return app

@@ -1,0 +1,142 @@
+"""Keeps the current engine and swaps in the champion's new version in the background."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from components.serving.engine import Engine, EngineSource
+
+log = logging.getLogger(__name__)
+
+#: Called after every successful swap with (old version or None, new version).
+SwapListener = Callable[[str | None, str], None]
+
+
+class ModelHolder:
+    """The engine requests use, replaced atomically when the registry alias moves.
+
+    A request reads ``holder.engine`` once and keeps that reference until it answers, so a swap never
+    changes the model under a running request: in-flight requests finish on the old engine, which is freed
+    when the last of them drops it. Rebinding one attribute is atomic in CPython, so readers need no lock.
+
+    Loading happens on a daemon thread that polls ``source.current_version()``; a version that fails to load
+    is logged, the old engine keeps serving, and the version is retried after ``retry_seconds`` rather than
+    on every poll, since a broken bundle would otherwise be downloaded again every few seconds.
+    """
+
+    def __init__(self, source: EngineSource, poll_seconds: float = 5.0, retry_seconds: float = 60.0) -> None:
+        """Create a holder; nothing is loaded until ``start`` or ``refresh`` is called.
+
+        Args:
+            source: Says which version is the champion and loads it.
+            poll_seconds: How often the alias is checked.
+            retry_seconds: How long a version that failed to load is left alone before another try.
+        """
+        if poll_seconds <= 0:
+            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
+        self.source = source
+        self.poll_seconds = poll_seconds
+        self.retry_seconds = retry_seconds
+        self._engine: Engine | None = None
+        self._failed: dict[str, float] = {}
+        self._listeners: list[SwapListener] = []
+        # Serialises refreshes (the poller and an explicit refresh()); readers never take it.
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.swaps = 0
+        self.load_failures = 0
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine to answer with, or None before the first successful load."""
+        return self._engine
+
+    @property
+    def ready(self) -> bool:
+        """Whether an engine is loaded."""
+        return self._engine is not None
+
+    @property
+    def version(self) -> str | None:
+        """Version of the current engine, or None before the first load."""
+        engine = self._engine
+        return engine.version if engine is not None else None
+
+    def add_listener(self, listener: SwapListener) -> None:
+        """Call ``listener(old, new)`` after each swap (used for metrics)."""
+        self._listeners.append(listener)
+
+    def set_engine(self, engine: Engine) -> None:
+        """Install an already loaded engine (tests, or a server that loads before binding)."""
+        old = self.version
+        self._engine = engine
+        self.swaps += 1
+        log.info("serving model version %s (was %s)", engine.version, old)
+        for listener in self._listeners:
+            try:
+                listener(old, engine.version)
+            except Exception:  # a broken metrics hook must not undo a good swap
+                log.exception("swap listener failed")
+
+    def refresh(self) -> bool:
+        """Check the alias once and load its version if it changed; True when a swap happened."""
+        with self._refresh_lock:
+            try:
+                wanted = self.source.current_version()
+            except Exception:
+                # A registry outage must not take down a serving process: keep what we have.
+                log.exception("could not read the champion version; keeping %s", self.version)
+                return False
+            if wanted is None:
+                if self._engine is not None:
+                    log.debug("champion alias points nowhere; keeping %s", self.version)
+                return False
+            if wanted == self.version:
+                return False
+            failed_at = self._failed.get(wanted)
+            if failed_at is not None and time.monotonic() - failed_at < self.retry_seconds:
+                return False
+            log.info("champion moved to %s; loading it in the background", wanted)
+            start = time.perf_counter()
+            try:
+                engine = self.source.load(wanted)
+            except Exception:
+                self._failed[wanted] = time.monotonic()
+                self.load_failures += 1
+                log.exception("loading model version %s failed; keeping %s", wanted, self.version)
+                return False
+            self._failed.pop(wanted, None)
+            log.info("loaded model version %s in %.2fs", wanted, time.perf_counter() - start)
+            self.set_engine(engine)
+            return True
+
+    def start(self) -> None:
+        """Start the background poller (idempotent); the first load happens on it, not here."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="model-holder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the poller; the current engine keeps answering until the process ends."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until an engine is loaded or ``timeout`` seconds passed; returns ``ready``."""
+        deadline = time.monotonic() + timeout
+        while not self.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.ready
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.poll_seconds)

@@ -1,0 +1,209 @@
+"""Training loop of the fusion scorer, readable top to bottom.
+
+Why a holdout inside the training part: metapath channels count paths through the user's own
+interactions, so a training positive always reaches itself (``user–item–user–item`` passes through
+the very edge being predicted). Fitting the fusion on such pairs teaches it to trust leaked evidence.
+Instead each user's training interactions are cut in time: the features and the history come from the
+earlier part, and the model learns to predict the later part (``holdout``), which is exactly the task
+it faces at validation and test time. Validation then uses features from the whole training part.
+
+Loss: softmax over the full catalogue (1.7k items on ml-100k, cheap) with the user's feature history
+masked, averaged over each user's held-out items — the listwise form of sampled softmax with every
+item a negative. AdamW, early stopping on validation NDCG@10, the best epoch's weights kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from components.metrics import compute_metrics
+from components.model.features import FeatureBank
+from components.model.net import FusionNet, NetConfig
+from components.ranking import rank_all
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of the fusion training loop (picked on ml-100k validation; see docs/model.md)."""
+
+    epochs: int = 60  # upper bound; early stopping usually ends sooner
+    patience: int = 8  # epochs without validation gain before stopping
+    lr: float = 5e-3
+    weight_decay: float = 1e-4  # AdamW's decoupled decay on every parameter
+    id_reg: float = 1e-3  # extra L2 on item-ID factors: few held-out pairs per item
+    # Share of items treated as cold in each batch (IDs and collaborative channels hidden), so the
+    # text and KG-content terms learn to rank items on their own (DropoutNet's idea); 0 disables it.
+    item_dropout: float = 0.2
+    batch_users: int = 128
+    holdout: float = 0.3  # share of each user's training interactions (latest) used as targets
+    rank: int = 64
+    use_paths: bool = True
+    use_text: bool = True
+    use_ids: bool = True
+    eval_k: int = 10
+    seed: int = 0
+    threads: int = 2
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain-dict form for JSON and MLflow params."""
+        return asdict(self)
+
+
+@dataclass
+class FusionInputs:
+    """Everything the loop needs, index-aligned with the processed users/items tables."""
+
+    item_text: np.ndarray  # (n_items, d) unit rows
+    profile: np.ndarray  # (n_users, d) profile-only text embeddings
+    history: sp.csr_matrix  # (n_users, n_items) binary: features and history for fitting
+    targets: sp.csr_matrix  # (n_users, n_items) binary: what the fit learns to predict
+    fit_bank: FeatureBank  # channels computed from ``history``
+    eval_history: sp.csr_matrix  # the whole training part, for validation scoring
+    eval_bank: FeatureBank  # channels computed from ``eval_history``
+    valid: sp.csr_matrix  # (n_users, n_items) validation truth
+    warm: np.ndarray  # (n_items,) bool: items with training interactions
+
+
+EpochLog = Callable[[int, dict[str, float]], None]
+
+
+def temporal_holdout(
+    train: pd.DataFrame, n_users: int, n_items: int, share: float
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Cut each user's training interactions by time: (earlier part, latest ``share``).
+
+    Users with a single interaction keep it in the earlier part (nothing to learn from them).
+    """
+    from components.kg import binary_matrix
+
+    if not 0 < share < 1:
+        raise ValueError(f"holdout must be in (0, 1), got {share}")
+    ordered = train.sort_values(["user", "timestamp", "item"], kind="stable")
+    position = ordered.groupby("user").cumcount().to_numpy()
+    sizes = ordered.groupby("user")["item"].transform("size").to_numpy()
+    n_held = np.where(sizes >= 2, np.maximum(1, np.floor(sizes * share)).astype(int), 0)
+    held = position >= sizes - n_held
+    users, items = ordered.user.to_numpy(), ordered.item.to_numpy()
+    shape = (n_users, n_items)
+    return binary_matrix(users[~held], items[~held], shape), binary_matrix(users[held], items[held], shape)
+
+
+def _dense(rows: sp.csr_matrix) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(rows.toarray(), dtype=np.float32))
+
+
+def score_users(
+    net: FusionNet, bank: FeatureBank, history: sp.csr_matrix, profile: np.ndarray, users: np.ndarray
+) -> np.ndarray:
+    """Scores ``(len(users), n_items)`` for known users under ``history``."""
+    with torch.no_grad():
+        feats = torch.from_numpy(bank.rows(history[users], users))
+        out = net(_dense(history[users]), torch.from_numpy(profile[users]), feats)
+    return np.asarray(out.numpy(), dtype=np.float32)
+
+
+def validation_ndcg(net: FusionNet, inputs: FusionInputs, k: int) -> dict[str, float]:
+    """Validation metrics at ``k`` under the evaluation protocol (train history, train excluded)."""
+    users = np.flatnonzero(np.diff(inputs.valid.indptr) > 0)
+    topk = rank_all(
+        lambda block: score_users(net, inputs.eval_bank, inputs.eval_history, inputs.profile, block),
+        users,
+        k,
+        inputs.eval_history,
+    )
+    metrics = compute_metrics(topk, inputs.valid[users], [k])
+    return {name: float(v) for name, v in metrics.items() if name != "n_users"}
+
+
+def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = None) -> tuple[FusionNet, dict]:
+    """Fit the scorer; return the best-epoch network and a summary (best epoch, curve, seconds)."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    net_cfg = NetConfig(
+        n_items=inputs.item_text.shape[0],
+        text_dim=inputs.item_text.shape[1],
+        n_channels=len(inputs.fit_bank.channels),
+        rank=cfg.rank,
+        use_paths=cfg.use_paths,
+        use_text=cfg.use_text,
+        use_ids=cfg.use_ids,
+    )
+    net = FusionNet(net_cfg, torch.from_numpy(inputs.item_text), torch.from_numpy(inputs.warm), cfg.seed)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    users = np.flatnonzero(np.diff(inputs.targets.indptr) > 0)
+    if len(users) == 0:
+        raise ValueError("no user has held-out training interactions; nothing to fit")
+    # Features of the fit part do not change during training: compute them once.
+    fit_feats = inputs.fit_bank.rows(inputs.history, np.arange(inputs.history.shape[0]))
+    collaborative = torch.from_numpy(inputs.fit_bank.collaborative)
+    warm = torch.from_numpy(inputs.warm.astype(np.float32))
+    key = f"ndcg@{cfg.eval_k}"
+    best, best_epoch, best_state, stale = -1.0, 0, None, 0
+    curve: list[dict[str, float]] = []
+    start = time.perf_counter()
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, silence in logs and CI.
+    bar = tqdm(range(1, cfg.epochs + 1), desc="metarec train", unit="epoch", leave=False, disable=None)
+    for epoch in bar:
+        net.train()
+        order = rng.permutation(users)
+        total, batches = 0.0, 0
+        for lo in range(0, len(order), cfg.batch_users):
+            batch = order[lo : lo + cfg.batch_users]
+            history = _dense(inputs.history[batch])
+            feats = torch.from_numpy(fit_feats[batch])
+            batch_warm = warm
+            if cfg.item_dropout > 0:
+                dropped = torch.from_numpy(rng.random(len(warm)) < cfg.item_dropout)
+                batch_warm = warm * ~dropped
+                hide = collaborative[:, None] & dropped[None, :]
+                feats = feats.masked_fill(hide[None, :, :], 0.0)
+            logits = net(history, torch.from_numpy(inputs.profile[batch]), feats, batch_warm)
+            logits = logits.masked_fill(history > 0, -1e9)  # seen items are never the answer
+            target = _dense(inputs.targets[batch])
+            log_p = torch.log_softmax(logits, dim=1)
+            loss = -((log_p * target).sum(dim=1) / target.sum(dim=1)).mean()
+            if cfg.use_ids and cfg.id_reg:
+                loss = loss + cfg.id_reg * (net.id_item.pow(2).sum() + net.id_user.pow(2).sum()) / len(batch)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item()
+            batches += 1
+        net.eval()
+        metrics = validation_ndcg(net, inputs, cfg.eval_k)
+        row = {"loss": total / batches, **{f"valid.{k}": v for k, v in metrics.items()}}
+        curve.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", ndcg=f"{metrics[key]:.4f}")
+        if metrics[key] > best:
+            best, best_epoch, stale = metrics[key], epoch, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    bar.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    summary = {
+        "best_epoch": best_epoch,
+        f"best_valid_{key}": best,
+        "epochs_run": len(curve),
+        "seconds": time.perf_counter() - start,
+        "curve": curve,
+        "fit_users": int(len(users)),
+        "fit_targets": int(inputs.targets.nnz),
+    }
+    return net, summary

@@ -1,0 +1,454 @@
+"""Fusion model: feature bank vs the mining counter, holdout cut, training, persistence and cold start."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from components.kg import INTERACTED, HeteroGraph, Relation, binary_matrix, with_interactions
+from components.metapaths.counting import Counter
+from components.metapaths.mining import normalise_rows
+from components.metapaths.schema import Metapath, parse
+from components.metrics import compute_metrics
+from components.model.data import assemble, model_paths
+from components.model.features import FeatureBank, build_bank
+from components.model.net import FusionNet
+from components.model.recommender import MetarecRecommender
+from components.ranking import rank_all
+from components.train import FusionInputs, TrainConfig, temporal_holdout, train, validation_ndcg
+
+GENRES = ["action", "comedy", "drama", "horror", "romance"]
+OCCUPATIONS = ["artist", "doctor", "engineer", "student", "writer"]
+
+CF = "interacted|~interacted|interacted"  # user–item–user–item
+GENRE = "interacted|item.genre|~item.genre"  # user–item–genre–item
+OCCUPATION = "user.occupation|~user.occupation|interacted"  # user–occupation–user–item
+PREQUEL_GENRE = "interacted|item.prequel|item.genre|~item.genre"  # length 4
+OCCUPATION_PREQUEL = "user.occupation|~user.occupation|interacted|item.prequel"  # length 4, attribute source
+PREQUEL = "interacted|~item.prequel"  # length 2
+
+TEXT_DIM = 8
+N_USERS, N_ITEMS = 60, 40
+COLD_ITEM = 0  # never interacted with in the random dataset
+SMALL = TrainConfig(epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25, eval_k=10, threads=2)
+
+
+# ---------------------------------------------------------------- builders
+
+
+def make_graph(n_users: int, item_genre: sp.csr_matrix, rng: np.random.Generator) -> HeteroGraph:
+    """A typed graph: items with genres and prequels, users with one occupation, no interactions yet."""
+    n_items = item_genre.shape[0]
+    occupation = rng.integers(0, len(OCCUPATIONS), size=n_users)
+    heads = rng.integers(0, n_items, size=n_items // 2)
+    tails = (heads + rng.integers(1, n_items, size=heads.size)) % n_items  # never a self-loop
+    relations = {
+        INTERACTED: Relation(INTERACTED, "user", "item", sp.csr_matrix((n_users, n_items), dtype=np.float32)),
+        "item.genre": Relation("item.genre", "item", "genre", item_genre),
+        "user.occupation": Relation(
+            "user.occupation",
+            "user",
+            "occupation",
+            binary_matrix(np.arange(n_users), occupation, (n_users, len(OCCUPATIONS))),
+        ),
+        "item.prequel": Relation(
+            "item.prequel", "item", "item", binary_matrix(heads, tails, (n_items, n_items))
+        ),
+    }
+    node_ids = {
+        "user": [f"u{k}" for k in range(n_users)],
+        "item": [f"i{k}" for k in range(n_items)],
+        "genre": list(GENRES),
+        "occupation": list(OCCUPATIONS),
+    }
+    return HeteroGraph(node_ids, relations)
+
+
+def random_genres(n_items: int, rng: np.random.Generator) -> sp.csr_matrix:
+    """Each item gets one or two genres."""
+    rows, cols = [], []
+    for item in range(n_items):
+        for genre in rng.choice(len(GENRES), size=rng.integers(1, 3), replace=False):
+            rows.append(item)
+            cols.append(int(genre))
+    return binary_matrix(np.asarray(rows), np.asarray(cols), (n_items, len(GENRES)))
+
+
+def interactions(pools: list[np.ndarray], per_user: int, rng: np.random.Generator) -> pd.DataFrame:
+    """``per_user`` distinct items per user drawn from that user's pool, with distinct timestamps."""
+    frames = []
+    for user, pool in enumerate(pools):
+        items = rng.choice(pool, size=per_user, replace=False)
+        stamps = 1_000 + rng.permutation(per_user) * 10
+        frames.append(pd.DataFrame({"user": user, "item": items, "timestamp": stamps}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def split_last(frame: pd.DataFrame, n_valid: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each user's latest ``n_valid`` interactions become validation, the rest training."""
+    ordered = frame.sort_values(["user", "timestamp", "item"]).reset_index(drop=True)
+    from_end = ordered.groupby("user").cumcount(ascending=False).to_numpy()
+    train_part, valid_part = ordered[from_end >= n_valid], ordered[from_end < n_valid]
+    return train_part.reset_index(drop=True), valid_part.reset_index(drop=True)
+
+
+def unit_rows(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """Random unit-norm float32 rows."""
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def fusion_inputs(
+    graph: HeteroGraph,
+    frame: pd.DataFrame,
+    paths: list[str],
+    item_text: np.ndarray,
+    profile: np.ndarray,
+    holdout: float,
+    ease_l2: float | None = 10.0,
+) -> FusionInputs:
+    """Split the last two interactions per user off as validation and assemble the model's inputs."""
+    n_users, n_items = len(graph.node_ids["user"]), len(graph.node_ids["item"])
+    train_df, valid_df = split_last(frame, 2)
+    shape = (n_users, n_items)
+    train_matrix = binary_matrix(train_df.user.to_numpy(), train_df.item.to_numpy(), shape)
+    valid_matrix = binary_matrix(valid_df.user.to_numpy(), valid_df.item.to_numpy(), shape)
+    metapaths = [parse(p, graph.schema) for p in paths]
+    return assemble(
+        graph,
+        train_df,
+        train_matrix,
+        valid_matrix,
+        item_text,
+        profile,
+        metapaths,
+        "pathsim",
+        0.5,
+        ease_l2,
+        holdout,
+    )
+
+
+def random_inputs(seed: int = 0, zero_profiles: bool = False) -> tuple[HeteroGraph, FusionInputs]:
+    """60 users × 40 items, Zipf-ish popularity, item 0 never interacted with (cold)."""
+    rng = np.random.default_rng(seed)
+    graph = make_graph(N_USERS, random_genres(N_ITEMS, rng), rng)
+    pool = np.arange(1, N_ITEMS)
+    weights = 1.0 / np.arange(1, pool.size + 1) ** 0.7
+    picks = [rng.choice(pool, size=14, replace=False, p=weights / weights.sum()) for _ in range(N_USERS)]
+    frame = interactions(picks, 8, rng)
+    profile = (
+        np.zeros((N_USERS, TEXT_DIM), np.float32) if zero_profiles else unit_rows(N_USERS, TEXT_DIM, rng)
+    )
+    paths = [CF, GENRE, OCCUPATION, PREQUEL_GENRE]
+    return graph, fusion_inputs(
+        graph, frame, paths, unit_rows(N_ITEMS, TEXT_DIM, rng), profile, SMALL.holdout
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[HeteroGraph, FusionInputs, MetarecRecommender]:
+    """A small trained model on the random dataset (text, IDs and paths all on)."""
+    graph, inputs = random_inputs()
+    net, _ = train(inputs, SMALL)
+    model = MetarecRecommender(net, inputs.eval_bank, inputs.profile, inputs.eval_history, {"seed": 0})
+    return graph, inputs, model
+
+
+# ---------------------------------------------------------------- feature bank
+
+
+@pytest.mark.parametrize("weighting", ["pathsim", "dwpc", "count"])
+def test_bank_channels_equal_mining_counter(weighting: str) -> None:
+    """Every channel equals the mining counter's normalised block, for any user order."""
+    rng = np.random.default_rng(7)
+    n_users, n_items = 30, 25
+    graph = make_graph(n_users, random_genres(n_items, rng), rng)
+    dense = (rng.random((n_users, n_items)) < 0.2).astype(np.float32)
+    dense[0] = 0  # a user with no history: only the attribute-sourced channels reach items
+    dense[:, 3] = 0  # an item nobody interacted with
+    train_matrix = sp.csr_matrix(dense)
+    ids = [CF, GENRE, OCCUPATION, PREQUEL_GENRE, OCCUPATION_PREQUEL, PREQUEL]
+    paths = [parse(p, graph.schema) for p in ids]
+    assert [p.length for p in paths] == [3, 3, 3, 4, 4, 2]
+    bank = build_bank(graph, train_matrix, paths, weighting, 0.5, None)
+    counter = Counter(with_interactions(graph, train_matrix), weighting, 0.5)  # type: ignore[arg-type]
+    for users in (np.arange(n_users), np.array([5, 0, 17, 2])):
+        rows = bank.rows(train_matrix[users], users)
+        assert rows.shape == (len(users), len(paths) + 1, n_items)
+        for c, path in enumerate(paths):
+            expected = normalise_rows(counter.block(path, users))
+            assert expected.any(), path.id
+            np.testing.assert_allclose(rows[:, c, :], expected, atol=1e-5, err_msg=f"{weighting} {path.id}")
+    assert bank.names[-1] == "popularity"
+    assert bank.collaborative.tolist() == [True, False, True, False, False, False, True]
+
+
+def test_profile_attributes_map_known_and_unknown_values() -> None:
+    """A known profile value gives a one-hot row; an unknown or missing value an empty row."""
+    rng = np.random.default_rng(1)
+    graph = make_graph(10, random_genres(8, rng), rng)
+    train_matrix = sp.csr_matrix((rng.random((10, 8)) < 0.4).astype(np.float32))
+    bank = build_bank(graph, train_matrix, [parse(OCCUPATION, graph.schema)], "pathsim", 0.5, None)
+    known = bank.profile_attributes({"occupation": "writer", "gender": "F"})
+    assert list(known) == ["user.occupation"]
+    row = known["user.occupation"]
+    assert row.shape == (1, len(OCCUPATIONS))
+    assert row.toarray().tolist() == [[0, 0, 0, 0, 1]]
+    for profile in ({"occupation": "astronaut"}, {}):
+        empty = bank.profile_attributes(profile)["user.occupation"]
+        assert empty.shape == (1, len(OCCUPATIONS)) and empty.nnz == 0
+    # The cold user's attribute channel equals a known writer's (same source row, empty history).
+    writer = int(np.flatnonzero(graph.matrix("user.occupation").toarray()[:, 4])[0])
+    empty_history = sp.csr_matrix((1, 8), dtype=np.float32)
+    cold = bank.rows(empty_history, attributes=known)
+    warm = bank.rows(empty_history, np.array([writer]))
+    np.testing.assert_array_equal(cold, warm)
+    assert bank.rows(empty_history)[0, 0].sum() == 0  # no users, no attributes: the channel stays zero
+
+
+# ---------------------------------------------------------------- holdout
+
+
+def test_temporal_holdout_takes_latest_share_per_user() -> None:
+    """Latest share per user is held out (at least one), ties by item, single interactions kept."""
+    rows = [
+        # user 0: five interactions, shuffled; 20% -> the latest one (item 4 at t=50)
+        (0, 2, 30), (0, 4, 50), (0, 0, 10), (0, 3, 40), (0, 1, 20),
+        # user 1: ten interactions -> the latest two
+        *[(1, k, 100 + k) for k in range(10)],
+        # user 2: one interaction -> stays in the history
+        (2, 5, 7),
+        # user 3: three interactions -> floor(0.6) = 0, but at least one is held
+        (3, 6, 3), (3, 7, 1), (3, 8, 2),
+        # user 4: two interactions at the same time -> the higher item id counts as later
+        (4, 9, 5), (4, 1, 5),
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    history, held = temporal_holdout(frame, 6, 10, 0.2)
+    assert history.shape == held.shape == (6, 10)
+
+    def items(matrix: sp.csr_matrix, user: int) -> list[int]:
+        return sorted(matrix[user].indices.tolist())
+
+    expected_held = {0: [4], 1: [8, 9], 2: [], 3: [6], 4: [9], 5: []}
+    expected_history = {0: [0, 1, 2, 3], 1: list(range(8)), 2: [5], 3: [7, 8], 4: [1], 5: []}
+    assert {u: items(held, u) for u in range(6)} == expected_held
+    assert {u: items(history, u) for u in range(6)} == expected_history
+    assert history.multiply(held).nnz == 0
+    assert history.nnz + held.nnz == len(frame)
+    with pytest.raises(ValueError, match="holdout"):
+        temporal_holdout(frame, 6, 10, 1.0)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_loss_decreases_on_random_data() -> None:
+    """The training loss of the last epoch is below the first epoch's."""
+    _, inputs = random_inputs(seed=3, zero_profiles=True)
+    _, summary = train(inputs, replace(SMALL, epochs=15))
+    curve = summary["curve"]
+    assert len(curve) == summary["epochs_run"] == 15
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    assert all(np.isfinite(row["loss"]) for row in curve)
+    assert 1 <= summary["best_epoch"] <= 15
+
+
+def test_planted_genre_path_beats_chance() -> None:
+    """Users who stay inside one genre are ranked well from metapaths alone; the genre path wins the gates."""
+    rng = np.random.default_rng(11)
+    n_users, per_genre = 100, 12
+    n_items = per_genre * len(GENRES)
+    genre_of_item = np.arange(n_items) % len(GENRES)
+    item_genre = binary_matrix(np.arange(n_items), genre_of_item, (n_items, len(GENRES)))
+    graph = make_graph(n_users, item_genre, rng)
+    pools = [np.flatnonzero(genre_of_item == u % len(GENRES)) for u in range(n_users)]
+    frame = interactions(pools, 8, rng)  # 6 for training (2 of them fit targets), the last 2 validate
+    # The random prequel links are distractors: at initialisation they weigh as much as the genre path.
+    paths = [PREQUEL, GENRE, "interacted|item.prequel"]
+    profile = np.zeros((n_users, TEXT_DIM), np.float32)
+    inputs = fusion_inputs(
+        graph, frame, paths, unit_rows(n_items, TEXT_DIM, rng), profile, holdout=0.34, ease_l2=None
+    )
+    assert inputs.targets.nnz == 2 * n_users and inputs.valid.nnz == 2 * n_users
+    cfg = replace(SMALL, epochs=10, lr=0.05, use_text=False, use_ids=False, holdout=0.34)
+    net, summary = train(inputs, cfg)
+    model = validation_ndcg(net, inputs, 10)
+
+    users = np.flatnonzero(np.diff(inputs.valid.indptr) > 0)
+    noise = np.random.default_rng(0)
+    chance = np.mean(
+        [
+            compute_metrics(
+                rank_all(lambda b: noise.random((len(b), n_items)), users, 10, inputs.eval_history),
+                inputs.valid[users],
+                [10],
+            )["ndcg@10"]
+            for _ in range(20)
+        ]
+    )
+    assert 0 < chance < 0.2
+    assert model["ndcg@10"] > 2 * chance
+    assert model["recall@10"] > 0.9  # the 6 unseen items of the user's genre fill the top of the list
+    assert summary[f"best_valid_ndcg@{cfg.eval_k}"] == pytest.approx(model["ndcg@10"])
+    curve = summary["curve"]
+    assert curve[-1]["loss"] < 0.9 * curve[0]["loss"]
+    with torch.no_grad():
+        history = torch.from_numpy(inputs.eval_history.toarray())
+        user = net.user_vector(history, torch.from_numpy(profile))
+        gates = torch.nn.functional.softplus(net.path_bias + user @ net.path_user).mean(dim=0)
+    genre = paths.index(GENRE)
+    assert all(gates[genre] > gates[c] for c in range(len(gates)) if c != genre), gates
+
+
+def test_training_is_deterministic() -> None:
+    """Two runs with the same seed give identical weights."""
+    _, inputs = random_inputs(seed=5)
+    cfg = replace(SMALL, epochs=3)
+    first, _ = train(inputs, cfg)
+    second, _ = train(inputs, cfg)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    third, _ = train(inputs, replace(cfg, seed=1))
+    assert not torch.equal(third.state_dict()["text_item"], a["text_item"])
+
+
+# ---------------------------------------------------------------- recommender
+
+
+def cold_user(model: MetarecRecommender, occupation: str) -> tuple[sp.csr_matrix, np.ndarray, dict]:
+    """Empty history, a profile vector and the attribute rows of a user not in the training graph."""
+    n_items = model.bank.n_items
+    profile = unit_rows(1, TEXT_DIM, np.random.default_rng(42))
+    return (
+        sp.csr_matrix((1, n_items), dtype=np.float32),
+        profile,
+        model.bank.profile_attributes({"occupation": occupation}),
+    )
+
+
+def test_save_load_round_trip(
+    fitted: tuple[HeteroGraph, FusionInputs, MetarecRecommender], tmp_path: Path
+) -> None:
+    """A loaded model scores known and cold users exactly as the saved one."""
+    _, inputs, model = fitted
+    model.save(tmp_path / "model")
+    loaded = MetarecRecommender.load(tmp_path / "model")
+    users = np.arange(N_USERS)
+    np.testing.assert_array_equal(loaded.score(users), model.score(users))
+    np.testing.assert_array_equal(loaded.score(users, inputs.history), model.score(users, inputs.history))
+    history, profile, attributes = cold_user(model, "writer")
+    np.testing.assert_array_equal(
+        loaded.score_rows(history, profile, attributes=attributes),
+        model.score_rows(history, profile, attributes=attributes),
+    )
+    items = np.arange(N_USERS) % N_ITEMS
+    np.testing.assert_array_equal(loaded.contributions(users, items), model.contributions(users, items))
+    assert loaded.bank.names == model.bank.names
+    assert loaded.config == {"seed": 0}
+    assert loaded.net.cfg == model.net.cfg
+    assert (loaded.train != model.train).nnz == 0
+
+
+def test_save_load_bank_directly(
+    fitted: tuple[HeteroGraph, FusionInputs, MetarecRecommender], tmp_path: Path
+) -> None:
+    """The feature bank alone survives a save/load round trip."""
+    _, inputs, model = fitted
+    model.bank.save(tmp_path)
+    bank = FeatureBank.load(tmp_path)
+    users = np.arange(N_USERS)
+    np.testing.assert_array_equal(
+        bank.rows(inputs.eval_history, users), model.bank.rows(inputs.eval_history, users)
+    )
+    assert bank.attribute_values == model.bank.attribute_values
+    assert bank.collaborative.tolist() == model.bank.collaborative.tolist()
+
+
+def test_cold_user_scores_are_finite_and_stable(
+    fitted: tuple[HeteroGraph, FusionInputs, MetarecRecommender],
+) -> None:
+    """A user with no history but a profile gets finite, repeatable scores that use the profile."""
+    _, _, model = fitted
+    history, profile, attributes = cold_user(model, "writer")
+    first = model.score_rows(history, profile, attributes=attributes)
+    second = model.score_rows(history, profile, attributes=attributes)
+    assert first.shape == (1, N_ITEMS)
+    assert np.isfinite(first).all()
+    np.testing.assert_array_equal(first, second)
+    # The occupation channel reaches items for a writer; an unknown occupation leaves it at zero.
+    occupation = [c.metapath_id for c in model.bank.channels].index(OCCUPATION)
+    assert model.bank.rows(history, attributes=attributes)[0, occupation].any()
+    _, _, unknown = cold_user(model, "astronaut")
+    assert not model.bank.rows(history, attributes=unknown)[0, occupation].any()
+    assert np.isfinite(model.score_rows(history, np.zeros_like(profile), attributes=unknown)).all()
+
+
+def test_cold_item_ignores_id_parameters(
+    fitted: tuple[HeteroGraph, FusionInputs, MetarecRecommender],
+) -> None:
+    """A cold item is scored without its ID factors or collaborative channels; a warm item uses them."""
+    _, inputs, model = fitted
+    assert not inputs.warm[COLD_ITEM]
+    warm_item = int(np.flatnonzero(inputs.warm)[0])
+    users = np.arange(N_USERS)
+    feats = model.bank.rows(model.train[users], users)
+    assert not feats[:, model.bank.collaborative, COLD_ITEM].any()
+    before = model.score(users)
+    assert np.isfinite(before).all()
+    net: FusionNet = model.net
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    try:
+        with torch.no_grad():
+            net.id_item[COLD_ITEM] += 5.0
+            net.id_bias[COLD_ITEM] += 5.0
+            net.id_user[COLD_ITEM] += 5.0
+        after = model.score(users)
+        np.testing.assert_array_equal(after[:, COLD_ITEM], before[:, COLD_ITEM])
+        with torch.no_grad():
+            net.id_bias[warm_item] += 5.0  # a warm item's bias does move its score
+        np.testing.assert_allclose(model.score(users)[:, warm_item], before[:, warm_item] + 5.0, atol=1e-4)
+    finally:
+        net.load_state_dict(saved)
+    np.testing.assert_array_equal(model.score(users), before)
+
+
+# ---------------------------------------------------------------- model paths
+
+
+def test_model_paths_adds_best_content_paths() -> None:
+    """Selected paths of length ≥ 2 come first, then the best content paths not through interactions."""
+    rng = np.random.default_rng(0)
+    schema = make_graph(4, random_genres(5, rng), rng).schema
+
+    def candidate(path_id: str, ndcg: float, coverage: float = 0.5) -> dict:
+        return {"id": path_id, "length": len(path_id.split("|")), "ndcg@10": ndcg, "pair_coverage": coverage}
+
+    report = {
+        "selected": [{"id": "interacted"}, {"id": CF}, {"id": PREQUEL}],
+        "candidates": [
+            candidate("interacted", 0.5),
+            candidate(CF, 0.4),
+            candidate(PREQUEL, 0.3),
+            candidate(OCCUPATION, 0.35),  # tail goes through interacted
+            candidate("interacted|~interacted|user.occupation|~user.occupation|interacted", 0.9),  # length 5
+            candidate("interacted|item.prequel|item.prequel", 0.1),
+            candidate("interacted|~item.prequel|~item.prequel", 0.1),  # tie with the one above: id decides
+            candidate(GENRE, 0.2),
+            candidate("interacted|item.prequel|~item.prequel", 0.6, coverage=0.0),  # reaches no truth pair
+        ],
+    }
+    chosen = model_paths(report, schema, content_paths=2)
+    assert all(isinstance(p, Metapath) for p in chosen)
+    assert [p.id for p in chosen] == [CF, PREQUEL, GENRE, "interacted|item.prequel|item.prequel"]
+    assert [p.id for p in model_paths(report, schema, 0)] == [CF, PREQUEL]
+    assert len(model_paths(report, schema, 10)) == 5
