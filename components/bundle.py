@@ -66,7 +66,9 @@ class Explainer:
                 self._weights[key] = damped_matrix(self.graph, key, INSTANCE_DAMPING).tocsr()
             return self._weights[key]
 
-    def instances(self, path: Metapath, source: np.ndarray, items: np.ndarray, start: int) -> list[str | None]:
+    def instances(
+        self, path: Metapath, source: np.ndarray, items: np.ndarray, start: int
+    ) -> list[str | None]:
         """Rendered instance per target item (None when the path does not reach it).
 
         Args:
@@ -134,7 +136,8 @@ class BundleEngine:
 
         relations[INTERACTED] = Relation(INTERACTED, "user", "item", self.history, ["train split"])
         self.graph = HeteroGraph(graph.node_ids, relations)
-        self.explainer = Explainer(self.graph, Namer(self.graph, self.items))
+        named = self.items.rename(columns={"title": "movie_title"}) if "title" in self.items else self.items
+        self.explainer = Explainer(self.graph, Namer(self.graph, named))
         schema = self.graph.schema
         self.paths: list[Metapath | None] = [
             parse(c.metapath_id, schema) if c.kind == "metapath" and c.metapath_id else None

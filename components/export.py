@@ -115,6 +115,7 @@ def _export(
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
 ) -> Path:
+    """Trace ``module`` on ``args`` and write it as ONNX to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
@@ -124,10 +125,10 @@ def _export(
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         # Raised for transformers' padding-mask lookup, whose indices come from arange (never negative).
         warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
-        # The legacy TorchScript exporter, pinned: the dynamo exporter needs onnxscript (not a
-        # dependency here) and torch.export's shape guards, which transformers' attention-mask code trips
-        # over with a dynamic sequence axis; the traced opset-17 graph also goes through onnxruntime's
-        # quantisation pre-processing as is (docs/benchmarks.md, verified on torch 2.13 / ORT 1.31).
+        # The legacy TorchScript exporter, pinned: torch 2.13 defaults to the dynamo exporter, which
+        # imports onnxscript (not installed here: dynamo=True fails with ModuleNotFoundError), while the
+        # traced opset-17 graph is the one verified end to end, through ORT's quantisation
+        # pre-processing and the parity checks (docs/benchmarks.md; torch 2.13, onnxruntime 1.31).
         torch.onnx.export(
             module,
             args,

@@ -47,7 +47,8 @@ class TrainConfig:
     use_paths: bool = True
     use_text: bool = True
     use_ids: bool = True
-    eval_k: int = 10
+    # Early-stopping metric (the pipeline's eval.primary), computed on validation each epoch.
+    eval_metric: str = "ndcg@10"
     seed: int = 0
     threads: int = 2
 
@@ -109,7 +110,7 @@ def score_users(
     return np.asarray(out.numpy(), dtype=np.float32)
 
 
-def validation_ndcg(net: FusionNet, inputs: FusionInputs, k: int) -> dict[str, float]:
+def validation_metrics(net: FusionNet, inputs: FusionInputs, k: int) -> dict[str, float]:
     """Validation metrics at ``k`` under the evaluation protocol (train history, train excluded)."""
     users = np.flatnonzero(np.diff(inputs.valid.indptr) > 0)
     topk = rank_all(
@@ -145,7 +146,9 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
     fit_feats = inputs.fit_bank.rows(inputs.history, np.arange(inputs.history.shape[0]))
     collaborative = torch.from_numpy(inputs.fit_bank.collaborative)
     warm = torch.from_numpy(inputs.warm.astype(np.float32))
-    key = f"ndcg@{cfg.eval_k}"
+    metric_name, _, k_text = cfg.eval_metric.partition("@")
+    eval_k = min(int(k_text), net_cfg.n_items)  # a catalogue smaller than k ranks everything
+    key = f"{metric_name}@{eval_k}"
     best, best_epoch, best_state, stale = -1.0, 0, None, 0
     curve: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -180,7 +183,7 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
             total += loss.item()
             batches += 1
         net.eval()
-        metrics = validation_ndcg(net, inputs, cfg.eval_k)
+        metrics = validation_metrics(net, inputs, eval_k)
         row = {"loss": total / batches, **{f"valid.{k}": v for k, v in metrics.items()}}
         curve.append(row)
         if on_epoch is not None:

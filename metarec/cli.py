@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from datetime import datetime
@@ -168,18 +169,44 @@ def recommend(
     out: Annotated[Path, typer.Option("--out", help="CSV file: user_id,item_id,rank,score.")] = Path(
         "recommendations.csv"
     ),
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Add the top metapath instance per item (fusion model).")
+    ] = False,
+    profile: Annotated[
+        list[str] | None,
+        typer.Option("--profile", help="Cold user: a profile field, e.g. age=25 (repeatable); prints JSON."),
+    ] = None,
+    history: Annotated[
+        list[str] | None, typer.Option("--history", help="Cold user: an item id they interacted with.")
+    ] = None,
 ) -> None:
-    """Write top-k recommendations from the last trained model, excluding items seen in train/valid."""
-    from components.stages import Paths
+    """Write top-k recommendations from the last trained model, excluding items seen in train/valid.
+
+    With --profile/--history it ranks for a user the model has never seen and prints JSON instead.
+    """
+    from components.stages import Paths, recommend_cold
     from components.stages import recommend as write_recommendations
 
-    if all_users == bool(user):
-        raise _fail("give exactly one of --all-users or --user")
     paths = Paths(_workspace(workspace))
     if not (paths.model / "model.json").exists():
         raise _fail(f"no trained model in {paths.model}; run `metarec run` first")
+    if profile or history:
+        fields = {}
+        for entry in profile or []:
+            key, sep, value = entry.partition("=")
+            if not sep or not key:
+                raise _fail(f"--profile expects key=value, got {entry!r}")
+            fields[key.strip()] = value.strip()
+        try:
+            recs = recommend_cold(paths, k, fields, list(history or []))
+        except _known_errors() as exc:
+            raise _fail(str(exc)) from None
+        console.print_json(json.dumps({"profile": fields, "history": list(history or []), "items": recs}))
+        return
+    if all_users == bool(user):
+        raise _fail("give exactly one of --all-users or --user (or --profile/--history for a new user)")
     try:
-        rows = write_recommendations(paths, k, out, None if all_users else list(user or []))
+        rows = write_recommendations(paths, k, out, None if all_users else list(user or []), explain=explain)
     except _known_errors() as exc:
         raise _fail(str(exc)) from None
     console.print(f"wrote {rows} rows to {out}")
@@ -390,6 +417,72 @@ def registry_rollback(
     except _registry_errors() as exc:
         raise _fail(str(exc)) from None
     console.print(f"champion: version {move.version}, rolled back from {move.previous}")
+
+
+def serve_settings(ws: Path, overrides: dict[str, Any]) -> Any:
+    """The workspace's ``serve`` settings with CLI overrides, store paths resolved against ``ws``."""
+    from components import tracking
+    from metarec.config import load_config
+
+    cfg = load_config(ws / "params.yaml") if (ws / "params.yaml").exists() else None
+    base = cfg.serve if cfg is not None else None
+    from components.serving.settings import ServeSettings
+
+    settings = (base or ServeSettings()).model_copy(
+        update={k: v for k, v in overrides.items() if v is not None}
+    )
+    uri = settings.tracking_uri or tracking.tracking_uri(ws, cfg.tracking.uri if cfg else "")
+    feedback = settings.feedback_url
+    prefix = "sqlite:///"
+    if feedback.startswith(prefix) and not feedback.startswith(prefix + "/"):
+        path = (ws / feedback[len(prefix) :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        feedback = f"{prefix}{path}"
+    return settings.model_copy(
+        update={
+            "tracking_uri": uri,
+            "feedback_url": feedback,
+            "source": settings.source or "registry.serving:registry_source",
+        }
+    )
+
+
+@app.command()
+def serve(
+    workspace: WorkspaceOpt = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default from serve.port).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes sharing the port.")] = None,
+    feedback_url: Annotated[str | None, typer.Option(help="Feedback store URL (sqlite:///...).")] = None,
+    require_key_for_reads: Annotated[
+        bool | None, typer.Option("--require-key-for-reads/--open-reads", help="Reads need the API key.")
+    ] = None,
+    allow_anonymous_writes: Annotated[
+        bool | None, typer.Option(help="Accept feedback without a key when none is configured (demos).")
+    ] = None,
+) -> None:
+    """Serve models:/<name>@champion over HTTP with ONNX Runtime (see docs/serving.md)."""
+    from components.serving.server import serve as run_server
+
+    ws = _workspace(workspace)
+    settings = serve_settings(
+        ws,
+        {
+            "host": host,
+            "port": port,
+            "workers": workers,
+            "feedback_url": feedback_url,
+            "require_key_for_reads": require_key_for_reads,
+            "allow_anonymous_writes": allow_anonymous_writes,
+        },
+    )
+    console.print(
+        f"serving models:/{settings.model_name}@{settings.alias} on http://{settings.host}:{settings.port}"
+    )
+    try:
+        run_server(settings)
+    except _known_errors() as exc:
+        raise _fail(str(exc)) from None
 
 
 def main() -> None:  # pragma: no cover - console entry point

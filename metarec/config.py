@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from components.serving.settings import ServeSettings
+
 
 class _Strict(BaseModel):
     # A typo in params.yaml or -S must fail loudly instead of silently using a default.
@@ -390,7 +392,6 @@ class DriftConfig(_Strict):
         return self
 
 
-
 class Config(_Strict):
     """The whole typed configuration of a metarec workspace."""
 
@@ -406,6 +407,8 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    # Serving (`metarec serve`): the model alias, the listener, the feedback store and auth switches.
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     def flat(self) -> dict[str, Any]:
         """Return the config flattened to dotted keys, as logged to MLflow."""

@@ -287,35 +287,45 @@ class Registry:
             BundleError: A file is missing, unlisted or altered, or ``bundle.json`` itself changed since
                 registration; the message names the file.
         """
+        with tempfile.TemporaryDirectory(prefix="metarec-verify-") as tmp:
+            _, manifest = self.download_bundle(ref, Path(tmp))
+        return manifest
+
+    def download_bundle(self, ref: str | int, dest: Path) -> tuple[Path, dict[str, Any]]:
+        """Download a version's bundle under ``dest`` and verify it; return its path and manifest.
+
+        Raises:
+            BundleError: As :meth:`verify`.
+        """
         import mlflow
         import yaml
 
         mv = self.version(ref)
         root = self.client.get_model_version_download_uri(self.name, mv.version).rstrip("/")
-        with tempfile.TemporaryDirectory(prefix="metarec-verify-") as tmp:
-            mlmodel = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{root}/MLmodel", dst_path=tmp, tracking_uri=self.uri
-            )
-            flavor = (yaml.safe_load(Path(mlmodel).read_text(encoding="utf-8")) or {}).get("flavors", {})
-            try:
-                sub = flavor["python_function"]["artifacts"]["bundle"]["path"]
-            except (KeyError, TypeError):
-                raise BundleError(f"version {mv.version}: its MLmodel has no 'bundle' artifact") from None
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{root}/{sub}", dst_path=str(Path(tmp) / "bundle"), tracking_uri=self.uri
-            )
-            try:
-                manifest = verify_bundle(local)
-            except BundleError as exc:
-                raise BundleError(f"version {mv.version}: {exc}") from None
-            digest = file_sha256(Path(local) / MANIFEST)
+        dest = Path(dest)
+        mlmodel = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{root}/MLmodel", dst_path=str(dest), tracking_uri=self.uri
+        )
+        flavor = (yaml.safe_load(Path(mlmodel).read_text(encoding="utf-8")) or {}).get("flavors", {})
+        try:
+            sub = flavor["python_function"]["artifacts"]["bundle"]["path"]
+        except (KeyError, TypeError):
+            raise BundleError(f"version {mv.version}: its MLmodel has no 'bundle' artifact") from None
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{root}/{sub}", dst_path=str(dest / "bundle"), tracking_uri=self.uri
+        )
+        try:
+            manifest = verify_bundle(local)
+        except BundleError as exc:
+            raise BundleError(f"version {mv.version}: {exc}") from None
+        digest = file_sha256(Path(local) / MANIFEST)
         expected = (mv.tags or {}).get("metarec.bundle_sha256")
         if expected and digest != expected:
             raise BundleError(
                 f"version {mv.version}: {MANIFEST} sha256 mismatch, expected {expected} (registered), "
                 f"got {digest}"
             )
-        return manifest
+        return Path(local), manifest
 
     # ---- writing -------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from components.model.features import FeatureBank, build_bank
 from components.model.net import FusionNet
 from components.model.recommender import MetarecRecommender
 from components.ranking import rank_all
-from components.train import FusionInputs, TrainConfig, temporal_holdout, train, validation_ndcg
+from components.train import FusionInputs, TrainConfig, temporal_holdout, train, validation_metrics
 
 GENRES = ["action", "comedy", "drama", "horror", "romance"]
 OCCUPATIONS = ["artist", "doctor", "engineer", "student", "writer"]
@@ -36,7 +36,7 @@ PREQUEL = "interacted|~item.prequel"  # length 2
 TEXT_DIM = 8
 N_USERS, N_ITEMS = 60, 40
 COLD_ITEM = 0  # never interacted with in the random dataset
-SMALL = TrainConfig(epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25, eval_k=10, threads=2)
+SMALL = TrainConfig(epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25, eval_metric="ndcg@10", threads=2)
 
 
 # ---------------------------------------------------------------- builders
@@ -280,7 +280,7 @@ def test_planted_genre_path_beats_chance() -> None:
     assert inputs.targets.nnz == 2 * n_users and inputs.valid.nnz == 2 * n_users
     cfg = replace(SMALL, epochs=10, lr=0.05, use_text=False, use_ids=False, holdout=0.34)
     net, summary = train(inputs, cfg)
-    model = validation_ndcg(net, inputs, 10)
+    model = validation_metrics(net, inputs, 10)
 
     users = np.flatnonzero(np.diff(inputs.valid.indptr) > 0)
     noise = np.random.default_rng(0)
@@ -297,7 +297,7 @@ def test_planted_genre_path_beats_chance() -> None:
     assert 0 < chance < 0.2
     assert model["ndcg@10"] > 2 * chance
     assert model["recall@10"] > 0.9  # the 6 unseen items of the user's genre fill the top of the list
-    assert summary[f"best_valid_ndcg@{cfg.eval_k}"] == pytest.approx(model["ndcg@10"])
+    assert summary[f"best_valid_{cfg.eval_metric}"] == pytest.approx(model["ndcg@10"])
     curve = summary["curve"]
     assert curve[-1]["loss"] < 0.9 * curve[0]["loss"]
     with torch.no_grad():

@@ -76,7 +76,7 @@ def load_fit_data(
     )
 
 
-def train_config(mcfg: Any, seed: int, threads: int = 2) -> TrainConfig:
+def train_config(mcfg: Any, seed: int, eval_metric: str = "ndcg@10", threads: int = 2) -> TrainConfig:
     """The loop's config from the ``model.metarec`` section."""
     return TrainConfig(
         epochs=mcfg.epochs,
@@ -93,6 +93,7 @@ def train_config(mcfg: Any, seed: int, threads: int = 2) -> TrainConfig:
         use_ids=mcfg.use_ids,
         seed=seed,
         threads=threads,
+        eval_metric=eval_metric,
     )
 
 
@@ -105,6 +106,7 @@ def fit(
     on_epoch: EpochLog | None = None,
     config: dict[str, Any] | None = None,
     age_buckets: list[int] | None = None,
+    eval_metric: str = "ndcg@10",
 ) -> tuple[MetarecRecommender, dict[str, Any]]:
     """Train the fusion model on ``data``; return it (scoring with the whole training part) and a summary."""
     paths = model_paths(data.report, data.graph.schema, mcfg.content_paths)
@@ -122,7 +124,7 @@ def fit(
         mcfg.holdout,
         age_buckets,
     )
-    net, summary = train(inputs, train_config(mcfg, seed), on_epoch)
+    net, summary = train(inputs, train_config(mcfg, seed, eval_metric), on_epoch)
     summary["channels"] = inputs.eval_bank.names
     model = MetarecRecommender(net, inputs.eval_bank, data.profile, data.train_matrix, config)
     return model, summary

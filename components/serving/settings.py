@@ -27,6 +27,9 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
+    # ONNX Runtime intra-op threads per worker: one keeps a request's latency predictable while
+    # other requests run; scale with workers, not threads.
+    threads: int = Field(default=1, ge=1)
     # sqlite:///relative.db or sqlite:////absolute.db; postgresql:// is the multi-host plan (not yet).
     feedback_url: str = "sqlite:///feedback/feedback.db"
     # How often the alias is checked, and how long a version that failed to load is left alone.
