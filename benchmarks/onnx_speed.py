@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +27,18 @@ from components.stages import Paths, load_parts
 from metarec.config import load_config
 
 
-def best_rate(fn: Any, n: int, repeats: int) -> float:
-    """Items per second of ``fn()`` over ``n`` items, best of ``repeats`` timed calls."""
-    best = float("inf")
+def best_rates(fns: dict[str, Any], n: int, repeats: int) -> dict[str, float]:
+    """Items per second of each ``fn()`` over ``n`` items, best of ``repeats`` timed calls.
+
+    The variants take turns in every round, so load from other processes hits them alike.
+    """
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n / best
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: n / seconds for name, seconds in best.items()}
 
 
 def torch_latency(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], runs: int) -> dict[str, float]:
@@ -71,6 +76,7 @@ def main() -> None:
     texts = [parts.texts[int(k)] for k in picked]
     pad_id = int(encoder.tokenizer.pad_token_id)
     out: dict[str, Any] = {"texts": len(texts), "threads": args.threads, "batch_size": encoder.batch_size}
+    out["load_average_before"] = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -85,11 +91,13 @@ def main() -> None:
         length, batch = cfg.text.max_length, encoder.batch_size
         fp32 = export.OnnxEncoder(fp32_path, tok, length, pad_id, batch, args.threads)
         int8 = export.OnnxEncoder(int8_path, tok, length, pad_id, batch, args.threads)
-        for name, enc in (("torch_fp32", encoder), ("onnx_fp32", fp32), ("onnx_int8", int8)):
+        encoders = {"torch_fp32": encoder, "onnx_fp32": fp32, "onnx_int8": int8}
+        for enc in encoders.values():
             enc.encode(texts[:batch])  # warm-up: first-run allocations and graph optimisation
-            out[f"encoder_{name}_texts_per_s"] = best_rate(
-                lambda e=enc: e.encode(texts), len(texts), args.repeats
-            )
+        rates = best_rates(
+            {k: (lambda e=e: e.encode(texts)) for k, e in encoders.items()}, len(texts), args.repeats
+        )
+        out.update({f"encoder_{k}_texts_per_s": v for k, v in rates.items()})
         reference = encoder.encode(texts)
         out["encoder_fp32_max_abs"] = float(np.max(np.abs(fp32.encode(texts) - reference)))
         int8_vectors = int8.encode(texts)
@@ -130,6 +138,7 @@ def main() -> None:
         out["scorer_onnx_fp32_mb"] = export.file_mb(scorer_fp32)
         out["scorer_onnx_int8_mb"] = export.file_mb(scorer_int8)
 
+    out["load_average_after"] = os.getloadavg()[0]
     enc = {k: out[f"encoder_{k}_texts_per_s"] for k in ("torch_fp32", "onnx_fp32", "onnx_int8")}
     sco = {k: out[f"scorer_{k}_p99_ms"] for k in ("torch_fp32", "onnx_fp32", "onnx_int8")}
     out["ratio_encoder_onnx_fp32_vs_torch"] = enc["onnx_fp32"] / enc["torch_fp32"]
@@ -137,7 +146,10 @@ def main() -> None:
     out["ratio_scorer_p99_torch_vs_onnx_fp32"] = sco["torch_fp32"] / sco["onnx_fp32"]
     out["ratio_scorer_p99_torch_vs_onnx_int8"] = sco["torch_fp32"] / sco["onnx_int8"]
 
-    print(f"encoder: {len(texts)} item texts, batch {encoder.batch_size}, {args.threads} threads")
+    print(
+        f"encoder: {len(texts)} item texts, batch {encoder.batch_size}, {args.threads} threads; load average "
+        f"{out['load_average_before']:.2f} before, {out['load_average_after']:.2f} after"
+    )
     print(
         "| variant | encoder texts/s | × torch | encoder MiB | scorer p50 ms | scorer p99 ms | scorer MiB |"
     )

@@ -493,6 +493,17 @@ def _copy_tables(paths: Paths, dest: Path, item_text: np.ndarray) -> None:
     pd.read_parquet(paths.processed / "users.parquet").to_parquet(dest / "users.parquet", index=False)
     shutil.copyfile(paths.metapaths / report.METAPATHS_FILE, dest / "metapaths.json")
     shutil.copytree(paths.graph, dest / "graph")
+    # Items never to recommend again: everything before the test period (train + valid), the same
+    # exclusion as `metarec recommend`, so the server's lists equal the offline ones.
+    from components.stages import load_parts
+
+    seen = load_parts(paths).data.exclusions("test").tocoo()
+    np.savez(
+        dest / "seen.npz",
+        seen_rows=seen.row.astype(np.int64),
+        seen_cols=seen.col.astype(np.int64),
+        seen_shape=np.asarray(seen.shape, dtype=np.int64),
+    )
     np.savez(
         dest / ITEM_EMBEDDINGS,
         ids=np.asarray(table["item_id"].tolist(), dtype=str),

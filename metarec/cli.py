@@ -485,6 +485,184 @@ def serve(
         raise _fail(str(exc)) from None
 
 
+# ---- drift monitoring, retraining, deployments, replay (docs/operations.md) --------------------------
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a parameter: key=value.")]
+
+
+def _ops_errors() -> tuple[type[BaseException], ...]:
+    from components.retrain import RetrainError
+
+    return (*_known_errors(), *_registry_errors(), RetrainError)
+
+
+def _warn_without_server(trigger: str) -> None:
+    if trigger in ("event", "run_deployment") and not os.environ.get("PREFECT_API_URL"):
+        err.print(
+            "[yellow]warning:[/] PREFECT_API_URL is not set: the drift event goes to a temporary Prefect "
+            "server that no `metarec deploy` listens to, so nothing retrains. Point PREFECT_API_URL at the "
+            "server `metarec deploy` uses, or pass --trigger inline.",
+            highlight=False,
+        )
+
+
+@app.command()
+def monitor(
+    workspace: WorkspaceOpt = None,
+    window: Annotated[str, typer.Option(help="Window name (the retrain idempotency key).")] = "",
+    since: Annotated[float | None, typer.Option(help="Only events at or after this epoch time.")] = None,
+    until: Annotated[float | None, typer.Option(help="Only events at or before this epoch time.")] = None,
+    trigger: Annotated[
+        str | None, typer.Option(help="event | run_deployment | inline | none (default deploy.trigger).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """One drift check now: feedback since the champion's data vs its training data; report and event."""
+    from flows.monitor import monitor as monitor_flow
+    from metarec.config import load_config
+
+    ws = _workspace(workspace)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        mode = trigger or load_config(ws / "params.yaml", list(set_ or [])).deploy.trigger
+        _warn_without_server(mode)
+        result = monitor_flow(
+            workspace=str(ws),
+            window=window,
+            since_ts=since,
+            until_ts=until,
+            trigger=mode,
+            overrides=list(set_ or []),
+        )
+    except _ops_errors() as exc:
+        raise _fail(str(exc)) from None
+    table = Table(
+        title=f"drift checks, window {result['window']} ({result['n_events']} events, "
+        f"champion v{result['champion']})"
+    )
+    for column in ("check", "statistic", "value", "threshold", "status"):
+        table.add_column(column)
+    for name, stat in result["statistics"].items():
+        value = "—" if stat["value"] is None else f"{stat['value']:.4g}"
+        table.add_row(name, stat["statistic"], value, f"{stat['threshold']:g}", stat["status"])
+    console.print(table)
+    verdict = f"DRIFT: {', '.join(result['fired'])}" if result["drifted"] else "no drift"
+    console.print(f"{verdict}; MLflow run {result['mlflow_run_id']} (experiment <experiment>-monitor)")
+    if result["event_id"]:
+        console.print(f"emitted metarec.drift.detected (event {result['event_id']})")
+    triggered = result.get("triggered") or {}
+    if triggered.get("mode") == "run_deployment":
+        console.print(f"started {triggered['deployment']} (flow run {triggered['flow_run_id']})")
+    elif triggered.get("mode") == "inline":
+        reg = (triggered.get("result") or {}).get("registry") or {}
+        console.print(f"retrained inline: {reg or triggered.get('result', {}).get('message')}")
+
+
+@app.command()
+def retrain(
+    workspace: WorkspaceOpt = None,
+    window: Annotated[
+        str, typer.Option(help="Idempotency key; a window already retrained is not again.")
+    ] = "",
+    reason: Annotated[str, typer.Option(help="Why (recorded with the window).")] = "manual",
+    set_: SetOpt = None,
+) -> None:
+    """Append the feedback since the last data version as a new DVC data version, retrain, gate."""
+    from flows.retrain import retrain as retrain_flow
+
+    ws = _workspace(workspace)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        result = retrain_flow(workspace=str(ws), window=window, reason=reason, overrides=list(set_ or []))
+    except _ops_errors() as exc:
+        raise _fail(str(exc)) from None
+    if result.get("reused"):
+        console.print(f"window {result['window']} was already retrained; its result:")
+    if not result.get("retrained"):
+        console.print(f"window {result['window']}: {result.get('message', 'nothing retrained')}")
+        return
+    reg = result.get("registry") or {}
+    verdict = "promoted to champion" if reg.get("promoted") else "kept as challenger"
+    console.print(
+        f"window {result['window']}: data version v{result['data_version']} (+{result['n_appended']} "
+        f"interactions), training run {result['training_run_id']}, "
+        f"model version {reg.get('version')} {verdict}"
+    )
+    for line in (reg.get("regate") or {}).get("reasons") or reg.get("reasons", []):
+        console.print(f"  {line}", highlight=False, markup=False)
+
+
+@app.command()
+def deploy(
+    workspace: WorkspaceOpt = None,
+    limit: Annotated[int | None, typer.Option(help="Concurrent flow runs this process executes.")] = None,
+) -> None:
+    """Create the monitor (hourly) and retrain (nightly + on drift) deployments and serve them."""
+    from flows.deploy import serve_deployments
+    from metarec.config import load_config
+
+    ws = _workspace(workspace)
+    if not (ws / "params.yaml").exists():
+        raise _fail(f"no params.yaml in {ws}; train the workspace first (`metarec run`)")
+    if not os.environ.get("PREFECT_API_URL"):
+        err.print(
+            "[yellow]warning:[/] PREFECT_API_URL is not set; deployments on a temporary server vanish with "
+            "this process and its drift triggers cannot fire. Start `prefect server start` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (docs/operations.md).",
+            highlight=False,
+        )
+    cfg = load_config(ws / "params.yaml")
+    d = cfg.deploy
+    console.print(
+        f"serving monitor/{d.name} ({d.monitor_cron} {d.timezone}) and retrain/{d.name} "
+        f"({d.retrain_cron} {d.timezone}, and on metarec.drift.detected) for {ws}"
+    )
+    try:
+        serve_deployments(ws, cfg, limit=limit)
+    except _ops_errors() as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def replay(
+    workspace: WorkspaceOpt = None,
+    windows: Annotated[int, typer.Option(min=1, help="Replayed windows.")] = 4,
+    train_fraction: Annotated[float, typer.Option(help="Share (by time) the first model trains on.")] = 0.5,
+    replay_fraction: Annotated[float, typer.Option(help="Share of the rest that is replayed.")] = 1.0,
+    arm: Annotated[
+        list[str] | None, typer.Option("--arm", help="static and/or retrain (repeatable; default both).")
+    ] = None,
+    trigger: Annotated[str, typer.Option(help="inline | event | run_deployment (retrain arm).")] = "inline",
+    k: Annotated[int, typer.Option(min=1, help="List length.")] = 10,
+    set_: SetOpt = None,
+) -> None:
+    """Temporal replay through the serving API: with and without drift-triggered retraining."""
+    from flows.replay import replay as replay_flow
+
+    ws = _workspace(workspace)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if trigger != "inline":
+        _warn_without_server(trigger)
+    caught: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError, *_ops_errors())
+    try:
+        result = replay_flow(
+            workspace=str(ws),
+            windows=windows,
+            train_fraction=train_fraction,
+            replay_fraction=replay_fraction,
+            overrides=list(set_ or []),
+            arms=list(arm or []) or None,
+            trigger=trigger,
+            k=k,
+        )
+    except caught as exc:
+        raise _fail(str(exc)) from None
+    console.print(Path(result["report"]).read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(
+        f"MLflow run {result['mlflow_run_id']} (experiment <experiment>-replay); {result['report']}"
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     """Entry point for ``python -m metarec``."""
     app()

@@ -392,6 +392,46 @@ class DriftConfig(_Strict):
         return self
 
 
+class RetrainConfig(_Strict):
+    """Retraining on served feedback (``flows/retrain.py``, docs/operations.md)."""
+
+    # Feedback types appended to the dataset as interactions; impressions are what the model chose to
+    # show, not what users wanted, so they never become training data.
+    event_types: list[str] = Field(default_factory=lambda: ["click", "rating"])
+    # The .inter rating written for a clicked (user, item) pair the user did not rate.
+    click_rating: float = 1.0
+    # Below this many new (user, item) interactions no data version is made and nothing is retrained.
+    min_new_interactions: int = Field(default=1, ge=1)
+    # -S overrides for retraining runs only, e.g. fewer fine-tuning steps for a quick replay.
+    overrides: list[str] = Field(default_factory=list)
+    # New data changes the evaluation data, which the stock gate refuses to compare across; the
+    # champion is then re-evaluated on the challenger's test split so the two meet on the same data.
+    reevaluate_champion: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> RetrainConfig:
+        allowed = {"click", "rating"}
+        if not self.event_types or set(self.event_types) - allowed:
+            raise ValueError(f"retrain.event_types must be a non-empty subset of {sorted(allowed)}")
+        return self
+
+
+class DeployConfig(_Strict):
+    """Prefect deployments served by ``metarec deploy`` (docs/operations.md)."""
+
+    # Deployments are monitor/<name> and retrain/<name>.
+    name: str = Field(default="metarec", min_length=1)
+    # Hourly drift check and nightly retrain (cron, evaluated in ``timezone``).
+    monitor_cron: str = "0 * * * *"
+    retrain_cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    # What a detected drift does besides emitting metarec.drift.detected: "event" relies on the retrain
+    # deployment's trigger; "run_deployment" also starts that deployment from the monitor (servers
+    # without automations); "inline" runs the retrain flow as the monitor's subflow (no deployment);
+    # "none" only reports. Retraining is idempotent per window, so a double start retrains once.
+    trigger: Literal["event", "run_deployment", "inline", "none"] = "event"
+
+
 class Config(_Strict):
     """The whole typed configuration of a metarec workspace."""
 
@@ -409,6 +449,8 @@ class Config(_Strict):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     # Serving (`metarec serve`): the model alias, the listener, the feedback store and auth switches.
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     def flat(self) -> dict[str, Any]:
         """Return the config flattened to dotted keys, as logged to MLflow."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +26,9 @@ class RegistrySource:
         self.settings = settings
         self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
         root = Path(cache_dir or Path(tempfile.gettempdir()) / "metarec-serving")
-        self.cache = root / settings.model_name
+        # Version numbers are only unique within one registry: key the cache by its URI too.
+        store = hashlib.sha256((settings.tracking_uri or "").encode()).hexdigest()[:12]
+        self.cache = root / store / settings.model_name
         self.cache.mkdir(parents=True, exist_ok=True)
 
     def current_version(self) -> str | None:
@@ -42,7 +45,7 @@ class RegistrySource:
         """Download (once), verify and load one version's bundle."""
         from components.bundle import load_bundle
         from metarec.config import Config
-        from registry.bundle_io import verify_bundle
+        from registry.bundle_io import BundleError, file_sha256, verify_bundle
         from registry.store import Registry
 
         target = self.cache / str(version)
@@ -56,13 +59,19 @@ class RegistrySource:
                         "registry": {"name": self.settings.model_name},
                     }
                 )
-                Registry(Path("."), cfg).download_bundle(version, tmp)
+                local, _ = Registry(Path("."), cfg).download_bundle(version, tmp / "download")
+                local.rename(tmp / "bundle")
+                shutil.rmtree(tmp / "download", ignore_errors=True)
                 shutil.rmtree(target, ignore_errors=True)
                 tmp.rename(target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         verify_bundle(bundle)  # also when cached: a file altered on disk must not be served
+        registered = self.client.get_model_version(self.settings.model_name, str(version)).tags or {}
+        expected = registered.get("metarec.bundle_sha256")
+        if expected and file_sha256(bundle / "bundle.json") != expected:
+            raise BundleError(f"cached bundle {bundle} is not the registered version {version}")
         return load_bundle(bundle, version=str(version), threads=self.settings.threads)
 
 

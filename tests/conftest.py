@@ -127,3 +127,27 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory) -> TrainedWorksp
         cmd += ["-S", override]
     proc = subprocess.run(cmd, cwd=tmp, env=subprocess_env(tmp), capture_output=True, text=True, timeout=600)
     return TrainedWorkspace(ws, proc.returncode, proc.stdout, proc.stderr)
+
+
+# The fusion model on the tiny dataset, registered and gated: its cut-offs are @2/@5, so the gate reads
+# those; a quarter of the 8 items go cold so the cold-item protocol has users to rank for.
+METAREC_OVERRIDES = [
+    *TINY_OVERRIDES,
+    "model.name=metarec",
+    "eval.cold_fraction=0.25",
+    "registry.primary=warm.ndcg@5",
+    "registry.cold_metric=cold.recall@5",
+    "serve.poll_seconds=0.5",
+]
+
+
+@pytest.fixture(scope="session")
+def metarec_workspace(tmp_path_factory: pytest.TempPathFactory) -> TrainedWorkspace:
+    """One ``metarec run`` of the fusion model on the tiny dataset: trained, exported, registered."""
+    tmp = tmp_path_factory.mktemp("metarec")
+    ws = tmp / "ws"
+    cmd = [str(METAREC), "run", "-w", str(ws)]
+    for override in METAREC_OVERRIDES:
+        cmd += ["-S", override]
+    proc = subprocess.run(cmd, cwd=tmp, env=subprocess_env(tmp), capture_output=True, text=True, timeout=900)
+    return TrainedWorkspace(ws, proc.returncode, proc.stdout, proc.stderr)

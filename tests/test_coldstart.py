@@ -137,7 +137,7 @@ def test_evaluate_cold_matches_hand_computation() -> None:
         [
             [9.0, 0.1, 9.0, 9.0, 0.2],  # ranks [4, 1]: hit at 1
             [9.0, 0.0, 9.0, 9.0, 0.0],
-            [9.0, 0.5, 9.0, 9.0, 0.5],  # tie -> lower index first: [1, 4], hit at 2
+            [9.0, 0.6, 9.0, 9.0, 0.5],  # ranks [1, 4]: hit at 2
             [9.0, 0.3, 9.0, 9.0, 0.7],  # ranks [4, 1]: hit at 2
         ]
     )
@@ -216,3 +216,14 @@ def test_evaluate_cold_rejects_bad_inputs() -> None:
     no_test = remove_items(sp.csr_matrix(TRAIN), sp.csr_matrix(VALID), test_without_2, np.array([2]))
     with pytest.raises(ValueError, match="no user"):
         evaluate_cold(lambda b: np.zeros((b.size, 5)), no_test, ks=[1])
+
+
+def test_constant_scorer_ranks_at_chance() -> None:
+    """Ties break randomly per user: a scorer that knows nothing gets the analytic random recall."""
+    rng = np.random.default_rng(3)
+    n_users, n_items = 400, 60
+    test = sp.csr_matrix((rng.random((n_users, n_items)) < 0.05).astype(np.float32))
+    empty = sp.csr_matrix((n_users, n_items), dtype=np.float32)
+    cold = cold_item_split(empty, empty, test, fraction=0.5, seed=1)
+    result = evaluate_cold(lambda block: np.zeros((len(block), n_items)), cold, [5], seed=0)
+    assert result["overall"]["recall@5"] == pytest.approx(result["random_recall@5"], abs=0.03)

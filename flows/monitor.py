@@ -1,0 +1,223 @@
+"""The ``monitor`` flow: one drift check of the feedback since the champion's data, report, event.
+
+1. The champion's reference comes from its own bundle (``components.monitoring``).
+2. The window is the feedback store's events after the champion's data version (its high-water mark in
+   ``data/feedback/versions.json``; the whole store when the champion predates retraining), cut by
+   ``since_ts``/``until_ts`` when given.
+3. Every check of ``components.drift`` runs; the HTML report, one PNG per check and the statistics
+   as metrics go to an MLflow run in the ``<experiment>-monitor`` experiment.
+4. On drift the flow emits ``metarec.drift.detected`` (payload: window, fired checks, every
+   statistic). The ``retrain`` deployment's trigger (``flows/deploy.py``) starts retraining from it;
+   ``deploy.trigger`` adds an explicit ``run_deployment`` or an inline subflow (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components import monitoring
+
+
+def _config(workspace: str, overrides: list[str] | None) -> Any:
+    from metarec.config import Config, load_config
+
+    params = Path(workspace) / "params.yaml"
+    return load_config(params, overrides or []) if params.exists() else Config()
+
+
+@task(name="load-reference", cache_policy=NO_CACHE)
+def load_reference(workspace: str, overrides: list[str]) -> monitoring.ReferenceData:
+    """Download the champion's bundle (cached per version) and summarise its training data."""
+    cfg = _config(workspace, overrides)
+    version, bundle = monitoring.champion_bundle(Path(workspace), cfg)
+    return monitoring.reference_from_bundle(bundle, cfg, version)
+
+
+def champion_high_water(workspace: str, ref: monitoring.ReferenceData, url: str) -> int:
+    """Store sequence the champion's training data already contains (0 when none of the store's)."""
+    from components.retrain import DataVersions
+
+    data = (ref.manifest.get("config") or {}).get("data") or {}
+    found = DataVersions(Path(workspace)).by_path(data.get("path"))
+    if found is None or found.feedback_url != url:
+        return 0
+    return found.feedback_seq
+
+
+@task(name="read-feedback", cache_policy=NO_CACHE)
+def read_feedback(
+    workspace: str,
+    overrides: list[str],
+    after_seq: int,
+    since_ts: float | None,
+    until_ts: float | None,
+    feedback_url: str,
+) -> tuple[Any, int]:
+    """The window's events and the store's high-water mark."""
+    cfg = _config(workspace, overrides)
+    store = monitoring.open_feedback(Path(workspace), cfg, feedback_url or None)
+    try:
+        return monitoring.read_events(store, after_seq, since_ts, until_ts)
+    finally:
+        store.close()
+
+
+@task(name="drift-report", cache_policy=NO_CACHE)
+def drift_report(
+    workspace: str,
+    overrides: list[str],
+    ref: monitoring.ReferenceData,
+    events: Any,
+    window: str,
+    step: int | None,
+    tags: dict[str, str],
+) -> dict[str, Any]:
+    """Run the checks, log report + statistics to MLflow, return the event payload."""
+    import tempfile
+
+    import mlflow
+
+    from components import tracking
+    from components.drift import report
+
+    cfg = _config(workspace, overrides)
+    result = monitoring.check_window(ref, events, cfg)
+    experiment = cfg.tracking.experiment + monitoring.MONITOR_EXPERIMENT_SUFFIX
+    experiment_id = tracking.setup(Path(workspace), experiment, cfg.tracking.uri)
+    run_tags = {
+        "metarec.flow": "monitor",
+        "metarec.window": window,
+        "metarec.champion": str(ref.version),
+        "metarec.git_commit": tracking.git_commit(),
+        **tags,
+    }
+    with (
+        mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor {window}", tags=run_tags) as run,
+        tempfile.TemporaryDirectory(prefix="metarec-drift-") as tmp,
+    ):
+        mlflow.log_params({f"drift.{k}": str(v)[:500] for k, v in cfg.drift.model_dump().items()})
+        report.log_to_mlflow(result, Path(tmp), step=step)
+        payload = monitoring.drift_payload(result, window, Path(workspace), ref.version, run.info.run_id)
+        mlflow.log_dict(payload, "drift/payload.json")
+    return {"drifted": result.drifted, "payload": payload}
+
+
+@task(name="emit-drift-event", cache_policy=NO_CACHE)
+def emit_drift_event(workspace: str, payload: dict[str, Any]) -> str | None:
+    """Emit ``metarec.drift.detected`` for the workspace; return the event id (None when not sent)."""
+    from prefect.events import emit_event
+
+    related = []
+    if payload.get("champion") is not None:
+        related.append(
+            {
+                "prefect.resource.id": f"metarec.model-version.{payload['champion']}",
+                "prefect.resource.role": "champion",
+            }
+        )
+    event = emit_event(
+        event=monitoring.DRIFT_EVENT,
+        resource=monitoring.workspace_resource(workspace),
+        related=related,
+        payload=payload,
+    )
+    return str(event.id) if event is not None else None
+
+
+@task(name="start-retrain-deployment", cache_policy=NO_CACHE)
+def start_retrain_deployment(deployment: str, parameters: dict[str, Any]) -> str:
+    """The fallback for servers without automations: create a run of the retrain deployment."""
+    from prefect.deployments import run_deployment
+
+    run: Any = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
+    return str(run.id)
+
+
+def retrain_parameters(workspace: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """What a drift event hands the retrain flow (the deployment trigger templates the same)."""
+    return {
+        "workspace": str(Path(workspace).resolve()),
+        "window": payload["window"],
+        "reason": f"drift: {payload['fired_text']}",
+    }
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(
+    workspace: str,
+    window: str = "",
+    since_ts: float | None = None,
+    until_ts: float | None = None,
+    after_seq: int | None = None,
+    feedback_url: str = "",
+    trigger: str = "",
+    step: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """One drift check now: report to MLflow, and on drift the event (and ``trigger``'s follow-up).
+
+    Args:
+        workspace: The workspace whose champion and feedback store are checked.
+        window: Name of the window (the retrain idempotency key); default ``seq-<after>-<last>``.
+        since_ts, until_ts: Event-time bounds (epoch seconds) of the window, inclusive.
+        after_seq: Store sequence to read after; default the champion's data high-water mark.
+        feedback_url: Another feedback store than ``serve.feedback_url``.
+        trigger: ``event``, ``run_deployment``, ``inline`` or ``none``; default ``deploy.trigger``.
+        step: MLflow metric step (the window index in a replay).
+        overrides: ``-S`` overrides of the workspace config for this check only.
+
+    Returns:
+        ``{window, drifted, fired, statistics, n_events, champion, mlflow_run_id, event_id,
+        triggered}``.
+    """
+    logger = get_run_logger()
+    ws = str(Path(workspace).resolve())
+    overrides = list(overrides or [])
+    cfg = _config(ws, overrides)
+    mode = trigger or cfg.deploy.trigger
+    if mode not in ("event", "run_deployment", "inline", "none"):
+        raise ValueError(f"trigger must be event, run_deployment, inline or none, got {mode!r}")
+    ref = load_reference(ws, overrides)
+    url = monitoring.feedback_url(Path(ws), cfg, feedback_url or None)
+    start = champion_high_water(ws, ref, url) if after_seq is None else int(after_seq)
+    events, last = read_feedback(ws, overrides, start, since_ts, until_ts, feedback_url)
+    name = window or f"seq-{start}-{last}"
+    checked = drift_report(ws, overrides, ref, events, name, step, {"metarec.trigger": mode})
+    payload = checked["payload"]
+    out: dict[str, Any] = {
+        "window": name,
+        "drifted": checked["drifted"],
+        "fired": payload["fired"],
+        "statistics": payload["statistics"],
+        "metrics": payload["metrics"],
+        "n_events": payload["n_events"],
+        "champion": ref.version,
+        "mlflow_run_id": payload["mlflow_run_id"],
+        "after_seq": start,
+        "high_water": last,
+        "event_id": None,
+        "triggered": None,
+    }
+    if not checked["drifted"]:
+        logger.info("window %s: no drift over %d events (champion v%s)", name, len(events), ref.version)
+        return out
+    logger.info("window %s: DRIFT in %s (champion v%s)", name, ", ".join(payload["fired"]), ref.version)
+    if mode == "none":
+        return out
+    out["event_id"] = emit_drift_event(ws, payload)
+    params = retrain_parameters(ws, payload)
+    if mode == "run_deployment":
+        deployment = f"retrain/{cfg.deploy.name}"
+        out["triggered"] = {"mode": mode, "deployment": deployment, "flow_run_id": "pending"}
+        out["triggered"]["flow_run_id"] = start_retrain_deployment(deployment, params)
+    elif mode == "inline":
+        from flows.retrain import retrain
+
+        out["triggered"] = {"mode": mode, "result": retrain(**params)}
+    else:
+        out["triggered"] = {"mode": mode, "event": monitoring.DRIFT_EVENT}
+    return out
