@@ -219,7 +219,7 @@ class MetarecConfig(_Strict):
 class ModelConfig(_Strict):
     """Which recommender to train and its hyperparameters."""
 
-    name: Literal["pop", "itemknn", "bpr", "ease", "metarec"] = "itemknn"
+    name: Literal["pop", "itemknn", "bpr", "ease", "metarec"] = "metarec"
     itemknn: ItemKNNConfig = Field(default_factory=ItemKNNConfig)
     bpr: BPRConfig = Field(default_factory=BPRConfig)
     ease: EASEConfig = Field(default_factory=EASEConfig)
