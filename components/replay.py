@@ -383,7 +383,8 @@ class ReplayClient:
                     )
             stats.hits += int(hit and answer is not None)
             self.post(events)
-            self.history.setdefault(str(user), []).extend(str(i) for i in rows["item_id"])
+            history = self.history.setdefault(str(user), [])
+            history.extend(i for i in map(str, rows["item_id"]) if i not in history)
         stats.seconds = time.monotonic() - began
         return stats
 

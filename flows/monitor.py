@@ -23,10 +23,13 @@ from components import monitoring
 
 
 def _config(workspace: str, overrides: list[str] | None) -> Any:
-    from metarec.config import Config, load_config
+    """The workspace's config (the defaults where it has no params.yaml) with ``overrides``."""
+    from metarec.config import Config, apply_overrides, build_config, load_config
 
     params = Path(workspace) / "params.yaml"
-    return load_config(params, overrides or []) if params.exists() else Config()
+    if params.exists():
+        return load_config(params, overrides or [])
+    return build_config(apply_overrides(Config().model_dump(mode="json"), overrides or []))
 
 
 @task(name="load-reference", cache_policy=NO_CACHE)

@@ -212,9 +212,10 @@ def replay(
     plan, cfg = _prepare(ws, windows, train_fraction, replay_fraction, overrides)
     name = cfg.data.name
     logger.info("cut: %d interactions in v0, %d windows of %d", len(plan.base), windows, len(plan.windows[0]))
+    # v0 last: an override naming the source dataset (data.path) must not train on all of it.
     first = training(
         workspace=str(ws),
-        overrides=[f"data.path={ws / FEEDBACK_DATA / 'v0'}", f"data.name={name}", *overrides],
+        overrides=[*overrides, f"data.path={ws / FEEDBACK_DATA / 'v0'}", f"data.name={name}"],
     )
     registry = open_registry(ws)
     champion = registry.aliases().get(CHAMPION)

@@ -130,11 +130,12 @@ def retrain(
         dv = DataVersion(**version)
         versions.set_window(name, status="training", data_version=dv.version, counts=counts, reason=reason)
         versions.save()
+        # The data version last: no other override may swap the data it is meant to train on.
         train_overrides = [
-            f"data.path={Path(ws) / dv.path}",
-            f"data.name={dv.name}",
             *cfg.retrain.overrides,
             *(overrides or []),
+            f"data.path={Path(ws) / dv.path}",
+            f"data.name={dv.name}",
         ]
         result = training(workspace=ws, overrides=train_overrides)
         registry = dict(result.get("registry") or {})

@@ -187,10 +187,13 @@ def recommend(
     from components.stages import Paths, recommend_cold
     from components.stages import recommend as write_recommendations
 
+    cold = bool(profile or history)
+    if not cold and all_users == bool(user):
+        raise _fail("give exactly one of --all-users or --user (or --profile/--history for a new user)")
     paths = Paths(_workspace(workspace))
     if not (paths.model / "model.json").exists():
         raise _fail(f"no trained model in {paths.model}; run `metarec run` first")
-    if profile or history:
+    if cold:
         fields = {}
         for entry in profile or []:
             key, sep, value = entry.partition("=")
@@ -203,8 +206,6 @@ def recommend(
             raise _fail(str(exc)) from None
         console.print_json(json.dumps({"profile": fields, "history": list(history or []), "items": recs}))
         return
-    if all_users == bool(user):
-        raise _fail("give exactly one of --all-users or --user (or --profile/--history for a new user)")
     try:
         rows = write_recommendations(paths, k, out, None if all_users else list(user or []), explain=explain)
     except _known_errors() as exc:

@@ -331,3 +331,41 @@ def test_skip_marker(tmp_path: Path) -> None:
     note = read_json(tmp_path / SKIP_FILE)
     assert note["skipped"] is True and note["model"] == "pop"
     assert "only the metarec fusion model" in note["reason"]
+
+
+# ---------------------------------------------------------------- stage wiring
+
+
+def _workspace(tmp_path: Path, model: str) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "models" / "bundle").mkdir(parents=True)
+    (ws / "models" / "bundle" / "previous.txt").write_text("the last good bundle\n", encoding="utf-8")
+    (ws / "params.yaml").write_text(f"model:\n  name: {model}\n", encoding="utf-8")
+    return ws
+
+
+def test_export_stage_skips_baselines(tmp_path: Path) -> None:
+    from components.stages import run_stage
+
+    ws = _workspace(tmp_path, "pop")
+    run_stage("export", ws)
+    bundle = ws / "models" / "bundle"
+    assert sorted(p.name for p in bundle.iterdir()) == [SKIP_FILE]
+    assert read_json(bundle / SKIP_FILE)["model"] == "pop"
+
+
+def test_export_stage_failure_keeps_previous_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components import export
+    from components.stages import run_stage
+
+    def failing(paths: object, cfg: object, dest: Path, work_dir: Path) -> dict[str, object]:
+        (dest / "scorer.onnx").write_bytes(b"half-written")
+        raise ParityError("int8 encoder: mean cosine to fp32 embeddings 0.9000 < minimum 0.99")
+
+    monkeypatch.setattr(export, "export_bundle", failing)
+    ws = _workspace(tmp_path, "metarec")
+    with pytest.raises(ParityError, match="mean cosine"):
+        run_stage("export", ws)
+    bundle = ws / "models" / "bundle"
+    assert sorted(p.name for p in bundle.iterdir()) == ["previous.txt"]
+    assert not [p.name for p in (ws / "models").iterdir() if p.name != "bundle"]  # no scratch left

@@ -36,7 +36,9 @@ PREQUEL = "interacted|~item.prequel"  # length 2
 TEXT_DIM = 8
 N_USERS, N_ITEMS = 60, 40
 COLD_ITEM = 0  # never interacted with in the random dataset
-SMALL = TrainConfig(epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25, eval_metric="ndcg@10", threads=2)
+SMALL = TrainConfig(
+    epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25, eval_metric="ndcg@10", threads=2
+)
 
 
 # ---------------------------------------------------------------- builders
