@@ -46,49 +46,52 @@ def variant_config(cfg: Config, variant: Variant) -> Config:
     return cfg.model_copy(update={"model": model})
 
 
-TABLE_COLUMNS = (
-    ("valid", "ndcg@10"),
-    ("test", "ndcg@10"),
-    ("test", "ndcg@20"),
-    ("test", "recall@10"),
-    ("test", "recall@20"),
-    ("test", "mrr@10"),
-    ("cold", "recall@20"),
-    ("cold", "ndcg@10"),
-    ("mixed", "ndcg@10"),
-)
+def columns(ks: list[int]) -> list[tuple[str, str]]:
+    """The table's (part, metric) columns for the evaluation cut-offs ``ks``."""
+    low, high = min(ks), max(ks)
+    return [
+        ("valid", f"ndcg@{low}"),
+        *(("test", f"ndcg@{k}") for k in ks),
+        *(("test", f"recall@{k}") for k in ks),
+        ("test", f"mrr@{low}"),
+        ("cold", f"recall@{high}"),
+        ("cold", f"ndcg@{low}"),
+        ("mixed", f"ndcg@{low}"),
+    ]
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], ks: list[int] | None = None) -> str:
     """Markdown table of the ablation results (one row per variant)."""
-    head = "| variant | " + " | ".join(f"{part} {metric}" for part, metric in TABLE_COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(TABLE_COLUMNS)
+    cols = columns(ks or [10, 20])
+    head = "| variant | " + " | ".join(f"{part} {metric}" for part, metric in cols) + " |"
+    sep = "|---|" + "---:|" * len(cols)
     lines = [head, sep]
     for row in rows:
         cells = []
-        for part, metric in TABLE_COLUMNS:
+        for part, metric in cols:
             value = (row.get(part) or {}).get(metric)
             cells.append("n/a" if value is None else f"{value:.4f}")
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def chart(rows: list[dict[str, Any]], path: Any) -> None:
-    """Grouped bars: test NDCG@10 (warm) and Recall@20 (cold items) per variant."""
+def chart(rows: list[dict[str, Any]], path: Any, ks: list[int] | None = None) -> None:
+    """Grouped bars: test NDCG@k_min (warm) and Recall@k_max (cold items) per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    low, high = min(ks or [10, 20]), max(ks or [10, 20])
     names = [r["variant"] for r in rows]
-    warm = [(r.get("test") or {}).get("ndcg@10", np.nan) for r in rows]
-    cold = [(r.get("cold") or {}).get("recall@20", np.nan) for r in rows]
+    warm = [(r.get("test") or {}).get(f"ndcg@{low}", np.nan) for r in rows]
+    cold = [(r.get("cold") or {}).get(f"recall@{high}", np.nan) for r in rows]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    ax.bar(x - 0.2, warm, 0.4, label="warm: test NDCG@10", color="#264653")
-    ax.bar(x + 0.2, cold, 0.4, label="cold items: Recall@20", color="#e76f51")
+    ax.bar(x - 0.2, warm, 0.4, label=f"warm: test NDCG@{low}", color="#264653")
+    ax.bar(x + 0.2, cold, 0.4, label=f"cold items: Recall@{high}", color="#e76f51")
     ax.set_xticks(x, names, rotation=25, ha="right")
-    ax.set_title("metarec ablations (ml-100k, user_temporal 80/10/10)")
+    ax.set_title("metarec ablations: warm full ranking and the cold-item protocol")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -642,7 +642,7 @@ def evaluate_variant(paths: Paths, cfg: Config, frozen: bool = False) -> dict[st
     if cfg.eval.cold_fraction > 0:
         cold = cold_protocol(paths, cfg, loaded, frozen)
         out["cold"] = cold["cold"]["overall"]
-        out["cold_random_recall@20"] = cold["cold"].get("random_recall@20")
+        out["cold_random"] = {k: v for k, v in cold["cold"].items() if k.startswith("random_recall@")}
         out["mixed"] = cold["mixed"]
     out["best_epoch"] = summary.get("best_epoch")
     return out

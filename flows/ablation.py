@@ -19,8 +19,8 @@ def _flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     for part in ("valid", "test", "cold", "mixed"):
         for name, value in (result.get(part) or {}).items():
             out[f"{part}.{tracking.metric_name(name)}"] = float(value)
-    if result.get("cold_random_recall@20") is not None:
-        out["cold.random_recall_at_20"] = float(result["cold_random_recall@20"])
+    for name, value in (result.get("cold_random") or {}).items():
+        out[f"cold.{tracking.metric_name(name)}"] = float(value)
     out["fit_seconds"] = float(result["fit_seconds"])
     return out
 
@@ -34,15 +34,17 @@ def run_variant(workspace: str, name: str, experiment: str) -> dict[str, Any]:
     base = load_config(paths.params)
     variant = next(v for v in ablation.VARIANTS if v.name == name)
     cfg = ablation.variant_config(base, variant)
-    tracking.setup(paths.root, experiment, cfg.tracking.uri)
-    with mlflow.start_run(run_name=name, tags={"metarec.variant": name, "metarec.model": cfg.model.name}):
+    experiment_id = tracking.setup(paths.root, experiment, cfg.tracking.uri)
+    tags = {"metarec.variant": name, "metarec.model": cfg.model.name}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags):
         tracking.log_config(cfg.flat())
         mlflow.set_tags(
             {"metarec.variant.note": variant.note, "metarec.text.frozen": str(variant.frozen_text)}
         )
         result = evaluate_variant(paths, cfg, frozen=variant.frozen_text)
         mlflow.log_metrics(_flat_metrics(result))
-    get_run_logger().info("%s: test ndcg@10 %.4f", name, result["test"]["ndcg@10"])
+    primary = cfg.eval.primary
+    get_run_logger().info("%s: test %s %.4f", name, primary, result["test"][primary])
     return {"variant": name, **result}
 
 
@@ -61,11 +63,13 @@ def ablations(workspace: str, variants: list[str] | None = None) -> dict[str, An
             f"unknown variants {unknown}; expected some of {[v.name for v in ablation.VARIANTS]}"
         )
     rows = [run_variant(workspace, name, experiment) for name in names]
-    text = ablation.table(rows)
-    tracking.setup(paths.root, experiment, cfg.tracking.uri)
-    with mlflow.start_run(run_name="ablation-summary", tags={"metarec.variant": "summary"}):
+    text = ablation.table(rows, cfg.eval.ks)
+    experiment_id = tracking.setup(paths.root, experiment, cfg.tracking.uri)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name="ablation-summary", tags={"metarec.variant": "summary"}
+    ):
         with tempfile.TemporaryDirectory() as tmp:
-            ablation.chart(rows, Path(tmp) / "ablations.png")
+            ablation.chart(rows, Path(tmp) / "ablations.png", cfg.eval.ks)
             mlflow.log_artifact(str(Path(tmp) / "ablations.png"))
         mlflow.log_text(text, "ablations.md")
         mlflow.log_dict({"rows": rows}, "ablations.json")
