@@ -60,6 +60,6 @@ clean:
 ablate: install
 	$(BIN)/metarec ablate --workspace $(WS)
 
-# Serving load test against a stand-in engine (see docs/benchmarks.md for the registry-backed run).
+# Serving load test: the registry's champion served by `metarec serve`, 200 req/s, hot swap at 10 s.
 bench-serve: install
-	$(BIN)/python benchmarks/serve_load.py --swap-at 10
+	BIN=$(BIN) benchmarks/serve_registry.sh $(WS)

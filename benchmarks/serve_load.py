@@ -11,8 +11,9 @@ includes any queueing in this client; ``service`` is send-to-response only. Goal
 at 200 req/s, also during a hot swap.
 
 Without --url the server is spawned (``python -m components.serving.server``) with the test suite's
-table engine (``tests/serving_support.py``, ml-100k-sized: 943 users x 1682 items) as a stand-in until the
-registry's ONNX engine exists; its champion is a file, which --swap-at rewrites.
+table engine (``tests/serving_support.py``, ml-100k-sized: 943 users x 1682 items) as a stand-in; its
+champion is a file, which --swap-at rewrites. benchmarks/serve_registry.sh runs it against the real
+registry-backed ONNX server.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def get(url: str, path: str) -> tuple[int, bytes]:
 def trigger_swap(args: argparse.Namespace, version_file: Path | None) -> None:
     """Move the champion alias so the server hot-swaps.
 
-    TODO(registry): with the real registry, pass --swap-cmd, e.g. a command that moves
-    ``models:/<name>@champion`` to another version (MlflowClient.set_registered_model_alias).
+    Against the real registry, --swap-cmd moves ``models:/<name>@champion`` (benchmarks/serve_registry.sh
+    passes ``metarec registry promote VERSION --force``); the stand-in's champion is a file.
     """
     if args.swap_cmd:
         subprocess.run(shlex.split(args.swap_cmd), check=True)

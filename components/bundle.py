@@ -286,7 +286,7 @@ class BundleEngine:
                 meta = json.loads((self.directory / "encoder.json").read_text(encoding="utf-8"))
                 tokenizer = Tokenizer.from_file(str(self.directory / "tokenizer" / "tokenizer.json"))
                 tokenizer.enable_truncation(int(meta.get("max_length", 128)))
-                tokenizer.enable_padding()
+                tokenizer.enable_padding(pad_id=int(meta.get("pad_id", 0)))
                 self._tokenizer, self._encoder_meta = tokenizer, meta
                 self._encoder = _session(self.directory / ENCODER, self._threads)
         encoded = self._tokenizer.encode_batch(texts)

@@ -442,6 +442,11 @@ def plot_replay(arms: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     axes[1].legend()
     axes[2].set(ylabel="model version", xlabel="window", title="model version serving the window")
     axes[2].legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -14,7 +14,7 @@ Data versions live under ``<workspace>/data/feedback/``:
 New data changes the evaluation split, and the registry's gate refuses to compare metrics measured
 on different data. :func:`reevaluate_champion` scores the champion's bundle (as it serves, with its
 own frozen history) on the challenger's test split with the offline protocol, so the gate can compare
-the two on the same users and items.
+the two on the same users and items (:func:`register_and_gate_new_data`).
 """
 
 from __future__ import annotations
@@ -441,69 +441,93 @@ def reevaluate_champion(engine: Any, workspace: Path, ks: list[int]) -> dict[str
     return compute_metrics(topk, test[eval_users], ks)
 
 
-def regate(workspace: Path, cfg: Config, version: str) -> dict[str, Any]:
-    """Gate a registered challenger against the champion re-evaluated on the challenger's data.
+def trained_on(registry: Any, version: str) -> str | None:
+    """The ``data.path`` the version's training run was configured with (None when unknown)."""
+    mv = registry.version(version)
+    if not mv.run_id:
+        return None
+    try:
+        params = registry.client.get_run(mv.run_id).data.params
+    except Exception:  # a deleted or foreign run: treat as unknown
+        return None
+    value = params.get("data.path")
+    return None if value in (None, "null", "") else str(Path(value).resolve())
 
-    Only for the case the stock gate cannot judge: different evaluation data. The champion's warm
-    metrics are replaced by :func:`reevaluate_champion` on the workspace's current split (the one the
-    challenger was evaluated on); its cold metric and latency are kept as registered (the cold-item
-    protocol refits a model, which a frozen bundle cannot). A pass promotes the challenger through the
-    registry's audited ``promote`` (``force`` past the stock gate's data check, with the re-evaluated
-    decision as the reason); the decision is kept on the version as ``metarec.gate.reevaluated``.
+
+def register_and_gate_new_data(
+    workspace: Path, cfg: Config, bundle: Path, run_id: str, data_path: Path
+) -> dict[str, Any]:
+    """Register a bundle trained on ``data_path`` as challenger and gate it against the champion.
+
+    Which gate runs depends on the data the champion was trained on:
+
+    * no champion, or the champion was trained on the same data version: the registry's own gate
+      (``Registry.promote``), exactly as after ``metarec run``;
+    * a different data version: the champion's warm metrics are re-measured on this workspace's test
+      split (:func:`reevaluate_champion`, the split the challenger was evaluated on) and the gate
+      compares the two there; its cold metric and latency are kept as registered (the cold-item
+      protocol refits a model, which a frozen bundle cannot). A pass promotes through the registry's
+      audited ``promote`` (``force``, past the stored fingerprints, with the re-evaluated decision
+      as the recorded reason); a refusal leaves the version as challenger.
+
+    The decision is kept on the version as ``metarec.gate`` (with ``"gate": "reevaluated"`` in the
+    second case).
 
     Returns:
-        ``{"applied", "promoted", "champion", "reasons", "compared", "champion_reevaluated"}``.
+        ``{"version", "promoted", "champion", "reasons", "gate", "champion_reevaluated"?}``.
     """
+    import tempfile
+
     from components.bundle import load_bundle
-    from registry.gate import Candidate, eval_fingerprint, evaluate_gate, metric
+    from registry.gate import Candidate, GateDecision, evaluate_gate, metric
     from registry.store import CHAMPION, open_registry
 
     registry = open_registry(workspace, cfg)
+    mv = registry.register(bundle, run_id)
+    version = str(mv.version)
     champion = registry.aliases().get(CHAMPION)
-    out: dict[str, Any] = {"applied": False, "promoted": False, "champion": champion, "reasons": []}
-    if champion is None or champion == str(version):
-        return out
-    challenger = registry.candidate(version)
-    incumbent = registry.candidate(champion)
-    ours = eval_fingerprint(challenger.data_version, cfg.registry.eval_data)
-    if ours == eval_fingerprint(incumbent.data_version, cfg.registry.eval_data):
-        return out  # same data: the stock gate's decision stands
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="metarec-regate-") as tmp:
-        bundle, _ = registry.download_bundle(champion, Path(tmp))
-        engine = load_bundle(bundle, version=champion)
+    same = champion is not None and trained_on(registry, champion) == str(Path(data_path).resolve())
+    out: dict[str, Any] = {"version": version}
+    decision: GateDecision | None
+    if champion is None or same:
+        move = registry.promote(version, reason="passed the gate after retraining")
+        decision = move.decision
+        out.update(gate="registry", promoted=move.moved)
+    else:
+        challenger = registry.candidate(version)
+        incumbent = registry.candidate(champion)
+        with tempfile.TemporaryDirectory(prefix="metarec-regate-") as tmp:
+            champion_bundle, _ = registry.download_bundle(champion, Path(tmp))
+            engine = load_bundle(champion_bundle, version=champion)
+            warm = reevaluate_champion(engine, workspace, cfg.eval.ks)
         section = cfg.registry.primary.partition(".")[0]
-        warm = reevaluate_champion(engine, workspace, cfg.eval.ks)
-    metrics = {**incumbent.metrics, section: warm}
-    rebased = Candidate(champion, metrics, challenger.data_version)
-    decision = evaluate_gate(challenger, rebased, cfg.registry)
-    registered = metric(incumbent.metrics, cfg.registry.primary)
-    reevaluated = metric(metrics, cfg.registry.primary)
-    out.update(
-        applied=True,
-        reasons=decision.reasons,
-        compared=decision.compared,
-        champion_reevaluated={
-            cfg.registry.primary: reevaluated,
-            "registered": registered,
-            "n_users": warm.get("n_users"),
-        },
-    )
-    registry.client.set_model_version_tag(
-        registry.name,
-        str(version),
-        "metarec.gate.reevaluated",
-        json.dumps({**decision.to_dict(), "champion_reevaluated": out["champion_reevaluated"]}, default=str),
-    )
-    if decision.promote:
-        new = metric(challenger.metrics, cfg.registry.primary)
-        why = (
-            f"retrain: passed the gate against champion v{champion} re-evaluated on this version's "
-            f"evaluation data ({cfg.registry.primary} {_num(new)} > {_num(reevaluated)}; "
-            f"v{champion} had {_num(registered)} on its own data)"
+        rebased = Candidate(champion, {**incumbent.metrics, section: warm}, challenger.data_version)
+        decision = evaluate_gate(challenger, rebased, cfg.registry)
+        registered = metric(incumbent.metrics, cfg.registry.primary)
+        reevaluated = metric(rebased.metrics, cfg.registry.primary)
+        out.update(
+            gate="reevaluated",
+            promoted=False,
+            champion_reevaluated={
+                "version": champion,
+                cfg.registry.primary: reevaluated,
+                "registered": registered,
+                "n_users": warm.get("n_users"),
+            },
         )
-        move = registry.promote(str(version), reason=why, force=True)
-        out["promoted"] = move.moved
-        out["champion"] = registry.aliases().get(CHAMPION)
+        if decision.promote:
+            new = metric(challenger.metrics, cfg.registry.primary)
+            why = (
+                f"retrain: passed the gate against champion v{champion} re-evaluated on this version's "
+                f"evaluation data ({cfg.registry.primary} {_num(new)} > {_num(reevaluated)}; "
+                f"v{champion} had {_num(registered)} on its own data)"
+            )
+            out["promoted"] = registry.promote(version, reason=why, force=True).moved
+    tag = decision.to_dict() if decision is not None else {}
+    tag.update({k: out[k] for k in ("gate", "champion_reevaluated") if k in out})
+    registry.client.set_model_version_tag(
+        registry.name, version, "metarec.gate", json.dumps(tag, sort_keys=True, default=str)
+    )
+    out["reasons"] = decision.reasons if decision is not None else []
+    out["champion"] = registry.aliases().get(CHAMPION)
     return out

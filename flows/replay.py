@@ -176,6 +176,7 @@ def replay(
     trigger: str = "inline",
     k: int = 10,
     retrain_timeout: float = 3600.0,
+    retrain_last: bool = False,
 ) -> dict[str, Any]:
     """Replay a dataset's later interactions window by window through ``metarec serve``.
 
@@ -191,6 +192,8 @@ def replay(
             server) or ``run_deployment``.
         k: List length.
         retrain_timeout: Seconds to wait for an event-triggered retrain.
+        retrain_last: Also retrain after the last window (no replayed window can show its effect, so
+            by default the last window's monitor only reports).
 
     Returns:
         The plan, per-arm per-window results, summaries and the MLflow run id.
@@ -242,13 +245,14 @@ def replay(
                     serving = server.serving()
                     stats = client.play(w, frame, arm)
                     window = f"{arm}-w{w}"
+                    last = w + 1 == len(plan.windows)
                     checked = monitor(
                         workspace=str(ws),
                         window=window,
                         since_ts=float(frame["timestamp"].min()),
                         until_ts=float(frame["timestamp"].max()),
                         feedback_url=url,
-                        trigger=mode,
+                        trigger="none" if last and not retrain_last else mode,
                         step=w,
                     )
                     row: dict[str, Any] = {
@@ -262,7 +266,7 @@ def replay(
                         "monitor_run_id": checked["mlflow_run_id"],
                         "retrain": None,
                     }
-                    if checked["drifted"] and mode != "none":
+                    if checked["drifted"] and mode != "none" and (retrain_last or not last):
                         if mode == "inline":
                             result = checked["triggered"]["result"]
                         else:
@@ -293,6 +297,7 @@ def replay(
         "overrides": overrides,
         "trigger": trigger,
         "k": k,
+        "retrain_last": retrain_last,
     }
     summaries = {arm: _summary(rows) for arm, rows in results.items()}
     payload = {"params": params, "plan": plan.summary(), "arms": results, "summary": summaries}

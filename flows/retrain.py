@@ -61,15 +61,19 @@ def snapshot_feedback(
     return version.__dict__, counts, name
 
 
-@task(name="gate-on-new-data", cache_policy=NO_CACHE)
-def gate_on_new_data(workspace: str, version: str) -> dict[str, Any]:
-    """Gate the challenger against the champion re-evaluated on the challenger's evaluation data."""
-    from components.retrain import regate
+@task(name="register-and-gate", cache_policy=NO_CACHE)
+def register_and_gate(workspace: str, run_id: str, data_path: str) -> dict[str, Any]:
+    """Register the exported bundle as challenger; gate it against the champion on the same data."""
+    from components.retrain import register_and_gate_new_data
+    from components.stages import Paths
 
-    outcome = regate(Path(workspace), _config(workspace), version)
+    ws = Path(workspace)
+    outcome = register_and_gate_new_data(ws, _config(workspace), Paths(ws).bundle, run_id, Path(data_path))
     logger = get_run_logger()
-    for line in outcome.get("reasons", []):
-        logger.info("gate (champion re-evaluated): %s", line)
+    verdict = "promoted to champion" if outcome["promoted"] else "kept as challenger"
+    logger.info("registered version %s (%s gate): %s", outcome["version"], outcome["gate"], verdict)
+    for line in outcome["reasons"]:
+        logger.info("gate: %s", line)
     return outcome
 
 
@@ -131,20 +135,30 @@ def retrain(
         versions.set_window(name, status="training", data_version=dv.version, counts=counts, reason=reason)
         versions.save()
         # The data version last: no other override may swap the data it is meant to train on.
+        data_path = Path(ws) / dv.path
         train_overrides = [
             *cfg.retrain.overrides,
             *(overrides or []),
-            f"data.path={Path(ws) / dv.path}",
+            f"data.path={data_path}",
             f"data.name={dv.name}",
         ]
-        result = training(workspace=ws, overrides=train_overrides)
-        registry = dict(result.get("registry") or {})
-        registry.pop("decision", None)
-        if registry and not registry.get("promoted") and _config(ws).retrain.reevaluate_champion:
-            registry["regate"] = gate_on_new_data(ws, str(registry["version"]))
-            if registry["regate"].get("promoted"):
-                registry["promoted"] = True
-                registry["champion"] = registry["regate"]["champion"]
+        register = cfg.registry.enabled and cfg.retrain.reevaluate_champion
+        if register:
+            # This flow registers and gates itself (the gate must know the champion's data version);
+            # the setting is restored right after (registry settings are no DVC stage's params).
+            train_overrides.append("registry.enabled=false")
+        try:
+            result = training(workspace=ws, overrides=train_overrides)
+        finally:
+            if register:
+                from components.pipeline import prepare_workspace
+
+                prepare_workspace(Path(ws), ["registry.enabled=true"])
+        if register and _config(ws).model.name == "metarec":
+            registry = register_and_gate(ws, result["run_id"], str(data_path))
+        else:
+            registry = dict(result.get("registry") or {})
+            registry.pop("decision", None)
         out = {
             "window": name,
             "reason": reason,

@@ -635,6 +635,9 @@ def replay(
     ] = None,
     trigger: Annotated[str, typer.Option(help="inline | event | run_deployment (retrain arm).")] = "inline",
     k: Annotated[int, typer.Option(min=1, help="List length.")] = 10,
+    retrain_last: Annotated[
+        bool, typer.Option(help="Also retrain after the last window (no replayed window shows it).")
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
     """Temporal replay through the serving API: with and without drift-triggered retraining."""
@@ -655,6 +658,7 @@ def replay(
             arms=list(arm or []) or None,
             trigger=trigger,
             k=k,
+            retrain_last=retrain_last,
         )
     except caught as exc:
         raise _fail(str(exc)) from None

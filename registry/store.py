@@ -492,13 +492,19 @@ class Registry:
         bundle = Path(bundle_dir).resolve()
         manifest = verify_bundle(bundle)
         digest = file_sha256(bundle / MANIFEST)
+        # A real user of the bundle, so MLflow's serving check of the input example exercises the model.
+        example_user = "1"
+        users_file = bundle / "users.parquet"
+        if users_file.exists():
+            ids = pd.read_parquet(users_file, columns=["user_id"]).user_id.astype(str)
+            example_user = str(ids.iloc[0]) if len(ids) else example_user
         with self._source_run(run_id) as run:
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
                 artifacts={"bundle": str(bundle)},
                 signature=_signature(),
-                input_example=pd.DataFrame({"user_id": ["1"], "k": [10]}),
+                input_example=pd.DataFrame({"user_id": [example_user], "k": [10]}),
                 pip_requirements=_pip_requirements(),
             )
             return LoggedBundle(info.model_uri, info.model_id, run.info.run_id, manifest, digest)

@@ -271,10 +271,13 @@ def test_scorer_latency_reports_percentiles(
     history = make_history(rng)
     users = np.asarray([0])
     profile = rng.standard_normal((1, TEXT_DIM)).astype(np.float32)
-    out = scorer_latency(
-        session(scorer_path), history[users].toarray(), profile, bank.rows(history[users], users), 50, 5
-    )
+    feeds = (history[users].toarray(), profile, bank.rows(history[users], users))
+    out = scorer_latency(session(scorer_path), *feeds, runs=50, warmup=5)
     assert 0 < out["p50_ms"] <= out["p99_ms"] and out["mean_ms"] > 0
+    best = scorer_latency(session(scorer_path), *feeds, runs=50, warmup=0, rounds=3)
+    assert 0 < best["p50_ms"] <= best["p99_ms"]
+    with pytest.raises(ValueError, match="positive"):
+        scorer_latency(session(scorer_path), *feeds, runs=10, rounds=0)
 
 
 # ---------------------------------------------------------------- encoder

@@ -479,17 +479,17 @@ def test_feedback_drift_event_retrain_gate_on_a_real_prefect_server(tmp_path: Pa
                 timeout=30,
             )
             assert answer.status_code == 200, answer.text
-        # Wait until the deployments exist, then check now.
-        from prefect.client.orchestration import get_client
-
-        os.environ["PREFECT_API_URL"] = api
+        # Wait until `metarec deploy` registered the deployments on this server, then check now.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            with get_client(sync_client=True) as client:
-                names = {d.name for d in client.read_deployments()}
-            if "metarec" in names:
+            found = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+            if {d["name"] for d in found} >= {"metarec"} and len(found) >= 2:
                 break
             time.sleep(2)
+        else:
+            pytest.fail(
+                "metarec deploy did not register its deployments:\n" + (tmp_path / "deploy.log").read_text()
+            )
         mon = subprocess.run(
             [str(METAREC), "monitor", "-w", str(ws), "--window", "e2e-1"],
             env=env,
@@ -510,9 +510,33 @@ def test_feedback_drift_event_retrain_gate_on_a_real_prefect_server(tmp_path: Pa
         assert record and record["status"] == "done", (tmp_path / "deploy.log").read_text()[-4000:]
         result = record["result"]
         assert result["retrained"] and result["data_version"] == 1
-        with get_client(sync_client=True) as client:
-            runs = [r for r in client.read_flow_runs() if r.parameters.get("window") == "e2e-1"]
-        assert runs and runs[0].state.is_completed() and runs[0].deployment_id is not None
+        # The Prefect run: started by the deployment's trigger with the event's parameters, completed.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = [
+                r
+                for r in httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+                # The monitor's own run (from `metarec monitor --window e2e-1`) has no "reason".
+                if r["parameters"].get("window") == "e2e-1" and "reason" in r["parameters"]
+            ]
+            if runs and runs[0]["state_type"] == "COMPLETED":
+                break
+            time.sleep(2)
+        assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", runs
+        assert runs[0]["deployment_id"] is not None
+        assert runs[0]["parameters"]["reason"].startswith("drift: ")
+        assert runs[0]["parameters"]["workspace"] == str(ws.resolve())
+        # MLflow: the monitor's report run and the retrain's training run.
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+        reports = mlflow.search_runs(
+            experiment_names=["metarec-monitor"],
+            filter_string="tags.`metarec.window` = 'e2e-1'",
+            output_format="list",
+        )
+        assert len(reports) == 1 and reports[0].data.metrics["drift.drifted"] == 1.0
+        assert mlflow.get_run(result["training_run_id"]).info.status == "FINISHED"
         # Challenger registered and gated: either promoted or kept with the gate's reasons.
         from registry.store import open_registry
 
@@ -539,3 +563,29 @@ def test_feedback_drift_event_retrain_gate_on_a_real_prefect_server(tmp_path: Pa
                 p.stop() if isinstance(p, ServerProcess) else _stop(p)
         _stop(server)
         shutil.rmtree(tmp_path / "prefect-home", ignore_errors=True)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_cli_retrain_monitor_deploy_replay_are_wired(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from components.pipeline import prepare_workspace
+    from metarec.cli import app
+
+    runner = CliRunner()
+    for command in ("monitor", "retrain", "deploy", "replay"):
+        shown = runner.invoke(app, [command, "--help"])
+        assert shown.exit_code == 0 and "--workspace" in shown.output, shown.output
+    ws = tmp_path / "ws"
+    prepare_workspace(ws, tiny_overrides)
+    versions = DataVersions(ws)
+    versions.set_window(
+        "w1", status="done", result={"window": "w1", "retrained": False, "message": "nothing"}
+    )
+    versions.save()
+    result = runner.invoke(app, ["retrain", "-w", str(ws), "--window", "w1"])
+    assert result.exit_code == 0, result.output
+    assert "already retrained" in result.output and "nothing" in result.output
+    # No registered model yet: the monitor says so instead of a traceback.
+    result = runner.invoke(app, ["monitor", "-w", str(ws), "--trigger", "none"])
+    assert result.exit_code == 1 and "no MLflow store" in result.output
