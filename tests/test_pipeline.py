@@ -161,7 +161,9 @@ def test_noop_rerun_skips_everything(ws: Workspace, noop_run: dict[str, Any]) ->
     assert parent.data.tags["metarec.stages_run"] == "none"
 
 
-def test_model_change_reruns_train_evaluate_and_export(ws: Workspace, model_change_run: dict[str, Any]) -> None:
+def test_model_change_reruns_train_evaluate_and_export(
+    ws: Workspace, model_change_run: dict[str, Any]
+) -> None:
     assert ran(model_change_run) == {"train", "evaluate", "export"}
     assert model_change_run["metrics"]["model"] == "itemknn"
     model = json.loads((ws.path / "models/current/model.json").read_text(encoding="utf-8"))
