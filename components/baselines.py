@@ -78,6 +78,23 @@ def _check_users(users: np.ndarray, n_users: int) -> np.ndarray:
     return arr
 
 
+def _history_rows(
+    users: np.ndarray, history: sp.csr_matrix | None, train: sp.csr_matrix, n_items: int
+) -> sp.csr_matrix:
+    """Binary history rows of ``users``: from ``history`` when given, else the training matrix."""
+    if history is None:
+        hist = train
+    else:
+        if not sp.issparse(history) or history.shape[1] != n_items:
+            raise ValueError(
+                f"history must be a sparse matrix with {n_items} item columns, got "
+                f"{getattr(history, 'shape', type(history).__name__)}"
+            )
+        hist = sp.csr_matrix(history)
+    idx = _check_users(users, int(hist.shape[0]))
+    return _as_binary_csr(hist[idx], "history")
+
+
 def _write_model_json(
     directory: Path, name: str, config: Mapping[str, Any], n_users: int, n_items: int
 ) -> None:
@@ -315,17 +332,7 @@ class ItemKNNRecommender(_NotFittedMixin):
             ValueError: If ``history`` has the wrong number of item columns or ``users`` is out of range.
         """
         self._require_fitted()
-        if history is None:
-            hist = self._train
-        else:
-            if not sp.issparse(history) or history.shape[1] != self.n_items:
-                raise ValueError(
-                    f"history must be a sparse matrix with {self.n_items} item columns, got "
-                    f"{getattr(history, 'shape', type(history).__name__)}"
-                )
-            hist = sp.csr_matrix(history)
-        idx = _check_users(users, int(hist.shape[0]))
-        rows = _as_binary_csr(hist[idx], "history")
+        rows = _history_rows(users, history, self._train, self.n_items)
         out = rows @ self._weights
         if sp.issparse(out):
             out = out.toarray()
@@ -649,17 +656,7 @@ class EASERecommender(_NotFittedMixin):
             ValueError: If ``history`` has the wrong number of item columns or ``users`` is out of range.
         """
         self._require_fitted()
-        if history is None:
-            hist = self._train
-        else:
-            if not sp.issparse(history) or history.shape[1] != self.n_items:
-                raise ValueError(
-                    f"history must be a sparse matrix with {self.n_items} item columns, got "
-                    f"{getattr(history, 'shape', type(history).__name__)}"
-                )
-            hist = sp.csr_matrix(history)
-        idx = _check_users(users, int(hist.shape[0]))
-        rows = _as_binary_csr(hist[idx], "history")
+        rows = _history_rows(users, history, self._train, self.n_items)
         return np.asarray(rows @ self.weights, dtype=np.float32)
 
     def save(self, directory: Path) -> None:
