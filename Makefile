@@ -39,6 +39,12 @@ demo: install
 	$(BIN)/metarec explain --workspace $(WS) --user 196 --item 242 --top 2
 	@echo "Inspect the runs: $(BIN)/metarec ui --workspace $(WS)  (http://127.0.0.1:5000)"
 	@echo "Serve the champion: METAREC_API_KEY=... $(BIN)/metarec serve --workspace $(WS)"
+	# A compressed temporal replay in its own workspace (docs/operations.md): the later ml-100k played through
+	# the serving API in 3 windows, with and without drift-triggered retraining. Retrains are cut to fit
+	# 2 cores (no LoRA fine-tuning, 15 epochs): ~10 min measured on a busy 2-core machine (docs/benchmarks.md).
+	rm -rf $(WS)-replay
+	$(BIN)/metarec replay --workspace $(WS)-replay --windows 3 --train-fraction 0.5 --replay-fraction 0.6 \
+		-S text.finetune.enabled=false -S model.metarec.epochs=15
 
 test: install
 	$(BIN)/python -m pytest -m "not slow"
@@ -54,7 +60,7 @@ ui: install
 	$(BIN)/metarec ui --workspace $(WS)
 
 clean:
-	rm -rf $(WS) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(WS) $(WS)-replay .pytest_cache .mypy_cache .ruff_cache
 
 # The ablation table of docs/benchmarks.md (after `make demo`): fusion parts removed, baselines, warm + cold.
 ablate: install

@@ -99,6 +99,15 @@ class DataVersions:
         write_json(self.file, self._data)
 
     @property
+    def registry_paused(self) -> bool:
+        """Whether a retrain turned ``registry.enabled`` off for its training run and not back on yet."""
+        return bool(self._data.get("registry_paused", False))
+
+    @registry_paused.setter
+    def registry_paused(self, value: bool) -> None:
+        self._data["registry_paused"] = bool(value)
+
+    @property
     def versions(self) -> list[DataVersion]:
         """Every data version, oldest first."""
         return [DataVersion(**v) for v in self._data["versions"]]

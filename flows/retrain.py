@@ -77,6 +77,16 @@ def register_and_gate(workspace: str, run_id: str, data_path: str) -> dict[str, 
     return outcome
 
 
+def _resume_registry(versions: DataVersions) -> None:
+    """Set ``registry.enabled`` back to true where a retrain turned it off for its training run."""
+    if versions.registry_paused:
+        from components.pipeline import prepare_workspace
+
+        prepare_workspace(versions.workspace, ["registry.enabled=true"])
+        versions.registry_paused = False
+        versions.save()
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(
     workspace: str,
@@ -105,6 +115,7 @@ def retrain(
     cfg = _config(ws)
     url = monitoring.feedback_url(Path(ws), cfg, feedback_url or None)
     with DataVersions(Path(ws)).locked() as versions:
+        _resume_registry(versions)
         record = versions.window(window) if window else None
         if record is not None and record.get("status") == "done":
             logger.info("window %s was already retrained: returning its result", window)
@@ -145,15 +156,16 @@ def retrain(
         register = cfg.registry.enabled and cfg.retrain.reevaluate_champion
         if register:
             # This flow registers and gates itself (the gate must know the champion's data version);
-            # the setting is restored right after (registry settings are no DVC stage's params).
+            # the setting is restored right after (registry settings are no DVC stage's params), and
+            # by the next retrain if this process dies first (the mark in versions.json).
             train_overrides.append("registry.enabled=false")
+            versions.registry_paused = True
+            versions.save()
         try:
             result = training(workspace=ws, overrides=train_overrides)
         finally:
             if register:
-                from components.pipeline import prepare_workspace
-
-                prepare_workspace(Path(ws), ["registry.enabled=true"])
+                _resume_registry(versions)
         if register and _config(ws).model.name == "metarec":
             registry = register_and_gate(ws, result["run_id"], str(data_path))
         else:

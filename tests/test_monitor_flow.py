@@ -367,9 +367,16 @@ def test_retrain_is_idempotent_per_window(tmp_path: Path, tiny_overrides: list[s
     versions = DataVersions(ws)
     recorded = {"window": "w7", "retrained": True, "data_version": 3, "registry": {"version": "4"}}
     versions.set_window("w7", status="done", result=recorded)
+    # A retrain that died during training left registration off: the next one turns it back on.
+    prepare_workspace(ws, ["registry.enabled=false"])
+    versions.registry_paused = True
     versions.save()
     again = retrain(workspace=str(ws), window="w7")
     assert again == {**recorded, "reused": True}
+    from metarec.config import load_config
+
+    assert load_config(ws / "params.yaml").registry.enabled is True
+    assert DataVersions(ws).registry_paused is False
 
     nothing = retrain(workspace=str(ws), window="w8")
     assert nothing["retrained"] is False and nothing["data_version"] is None
