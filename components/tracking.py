@@ -68,10 +68,15 @@ def data_version(workspace: Path) -> dict[str, str]:
         return {}
     data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
     versions: dict[str, str] = {}
-    for stage in (data.get("stages") or {}).values():
-        for entry in (stage.get("outs") or []) + (stage.get("deps") or []):
-            if "md5" in entry:
-                versions[entry["path"]] = entry["md5"]
+    stages = list((data.get("stages") or {}).values())
+    # A stage's recorded deps are what it last ran on, which may be older than what the producing
+    # stage has written since (export runs on the new split after its lock entry was written); the
+    # producing stage's outs are the current version, so they win over any dep.
+    for kind in ("deps", "outs"):
+        for stage in stages:
+            for entry in stage.get(kind) or []:
+                if "md5" in entry:
+                    versions[entry["path"]] = entry["md5"]
     return versions
 
 
