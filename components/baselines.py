@@ -629,15 +629,9 @@ class EASERecommender(_NotFittedMixin):
         csr = _as_binary_csr(train, "train")
         self.n_users, self.n_items = (int(s) for s in csr.shape)
         self._train = csr
-        x64 = csr.astype(np.float64)
-        # Solve in float64: G's condition number grows as l2 shrinks, and float32 loses the
-        # small off-diagonal weights that carry the ranking.
-        gram = np.asarray((x64.T @ x64).toarray(), dtype=np.float64)
-        gram[np.diag_indices_from(gram)] += self.l2
-        precision = np.linalg.inv(gram)
-        weights = precision / (-np.diag(precision))[None, :]
-        np.fill_diagonal(weights, 0.0)
-        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        from components.model.features import ease_matrix
+
+        self.weights = np.ascontiguousarray(ease_matrix(csr, self.l2))
         self._fitted = True
         return self
 

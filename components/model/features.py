@@ -214,6 +214,8 @@ def suffix_matrix(counter: Counter, path: Metapath) -> np.ndarray:
 
 def ease_matrix(train: sp.csr_matrix, l2: float) -> np.ndarray:
     """EASE item–item weights (Steck 2019) fitted on ``train``: B = -P/diag(P), zero diagonal."""
+    # Solve in float64: G's condition number grows as l2 shrinks, and float32 loses the small
+    # off-diagonal weights that carry the ranking.
     x = sp.csr_matrix(train, dtype=np.float64)
     gram = np.asarray((x.T @ x).toarray())
     gram[np.diag_indices_from(gram)] += l2
