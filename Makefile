@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install demo test test-all lint fmt ui clean ablate bench-serve
+.PHONY: install demo replay test test-all lint fmt ui clean ablate bench-serve
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,11 +37,17 @@ demo: install
 	$(BIN)/metarec leaderboard --workspace $(WS)
 	$(BIN)/metarec registry list --workspace $(WS)
 	$(BIN)/metarec explain --workspace $(WS) --user 196 --item 242 --top 2
-	@echo "Inspect the runs: $(BIN)/metarec ui --workspace $(WS)  (http://127.0.0.1:5000)"
+	$(BIN)/metarec server status
+	@echo "Inspect the runs: MLflow  $(BIN)/metarec ui --workspace $(WS)  (http://127.0.0.1:5000)"
+	@echo "                  Prefect the UI printed above (metarec server stop ends it)"
 	@echo "Serve the champion: METAREC_API_KEY=... $(BIN)/metarec serve --workspace $(WS)"
-	# A compressed temporal replay in its own workspace (docs/operations.md): the later ml-100k played through
-	# the serving API in 3 windows, with and without drift-triggered retraining. Retrains are cut to fit
-	# 2 cores (no LoRA fine-tuning, 15 epochs): ~10 min measured on a busy 2-core machine (docs/benchmarks.md).
+	@echo "The closed loop over time: make replay (about 15 minutes on 2 cores, docs/operations.md)"
+
+# A compressed temporal replay in its own workspace (docs/operations.md): the later ml-100k played through
+# the serving API in 3 windows, with and without drift-triggered retraining. Each retrain is a whole
+# pipeline run, so this is kept out of `make demo`; retrains are cut to fit 2 cores (no LoRA fine-tuning,
+# 15 epochs).
+replay: install
 	rm -rf $(WS)-replay
 	$(BIN)/metarec replay --workspace $(WS)-replay --windows 3 --train-fraction 0.5 --replay-fraction 0.6 \
 		-S text.finetune.enabled=false -S model.metarec.epochs=15

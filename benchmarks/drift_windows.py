@@ -7,7 +7,7 @@ with that span, exactly as the monitor flow reads a window; ``check_window`` run
 with the workspace's ``drift:`` thresholds. Item genres and text embeddings come from the workspace's
 exported bundle.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/drift_windows.py --workspace /work/ws
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/drift_windows.py --workspace workspace   # after make demo
 
 Stationary: ``--windows`` disjoint windows sampled from the same period (the other half). Shifts:
 (a) a flood of new items: 300 items removed from the reference, 40% of a window's events on them;

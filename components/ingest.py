@@ -97,8 +97,9 @@ def read_atomic(path: Path, kind: str) -> AtomicTable:
     """Parse one atomic file of the given kind (inter, item, user, kg, link) with full validation."""
     text = _decode(path)
     rows = text.split("\n")
-    if rows and rows[-1] == "":
-        rows.pop()  # the final newline
+    # Trailing blank lines (an editor's extra newline) end the file; a blank line between rows is refused.
+    while len(rows) > 1 and not rows[-1].strip():
+        rows.pop()
     fields, types = _parse_header(path, rows[0].rstrip("\r"))
     for name, kind_required in REQUIRED[kind].items():
         if name not in types:

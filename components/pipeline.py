@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +22,23 @@ import yaml
 from components import fetch, tracking
 from components.stages import Paths
 from components.storage import atomic_file
-from metarec.config import Config, apply_overrides, build_config, read_params
+from metarec.config import Config, apply_overrides, build_config, load_config, read_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE_ENV = "METAREC_WORKSPACE"
+# A file `metarec stage` writes its error message to, so the flow reports that message, not DVC's log.
+STAGE_ERROR_ENV = "METAREC_STAGE_ERROR_FILE"
 
 
 class PipelineError(RuntimeError):
-    """A DVC stage failed; the message carries the tail of its output."""
+    """A DVC stage failed: the message says why (the stage's own error); ``log`` is DVC's whole output."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
+
+    def __reduce__(self) -> tuple[type[PipelineError], tuple[str, str]]:
+        return type(self), (str(self), self.log)  # keep the log across Prefect's result pickling
 
 
 def default_workspace() -> Path:
@@ -35,7 +46,7 @@ def default_workspace() -> Path:
     return Path(os.environ.get(WORKSPACE_ENV) or Path.cwd() / "workspace").resolve()
 
 
-def _stage_env(parent_run_id: str | None = None) -> dict[str, str]:
+def _stage_env(parent_run_id: str | None = None, error_file: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # DVC runs each stage's `metarec stage ...` through a shell: make it find this interpreter's scripts
     # even when the virtual environment is not activated.
@@ -43,16 +54,20 @@ def _stage_env(parent_run_id: str | None = None) -> dict[str, str]:
     env.setdefault("DVC_NO_ANALYTICS", "1")
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
+    if error_file is not None:
+        env[STAGE_ERROR_ENV] = str(error_file)
     return env
 
 
-def _dvc(workspace: Path, *args: str, parent_run_id: str | None = None) -> subprocess.CompletedProcess[str]:
+def _dvc(
+    workspace: Path, *args: str, parent_run_id: str | None = None, error_file: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=workspace,
         capture_output=True,
         text=True,
-        env=_stage_env(parent_run_id),
+        env=_stage_env(parent_run_id, error_file),
     )
 
 
@@ -102,17 +117,68 @@ class StageOutcome:
     restored: bool = False
 
 
-def repro_stage(workspace: Path, stage: str, parent_run_id: str | None = None) -> StageOutcome:
-    """Run one stage with ``dvc repro --single-item``; DVC skips it when deps and params are unchanged."""
+def repro_stage(
+    workspace: Path,
+    stage: str,
+    parent_run_id: str | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> StageOutcome:
+    """Run one stage with ``dvc repro --single-item``; DVC skips it when deps and params are unchanged.
+
+    ``on_start`` is called when the stage is stale and about to run.
+    """
     start = time.perf_counter()
-    proc = _dvc(Path(workspace), "repro", "--single-item", stage, parent_run_id=parent_run_id)
+    if not stale(Path(workspace), stage):
+        return StageOutcome(stage, False, time.perf_counter() - start, f"Stage '{stage}' didn't change")
+    if on_start is not None:
+        on_start()
+    with tempfile.TemporaryDirectory(prefix="metarec-stage-") as tmp:
+        report = Path(tmp) / "error.txt"
+        proc = _dvc(
+            Path(workspace), "repro", "--single-item", stage, parent_run_id=parent_run_id, error_file=report
+        )
+        reported = report.read_text(encoding="utf-8").strip() if report.exists() else ""
     log = (proc.stdout + proc.stderr).strip()
+    if parent_run_id:
+        # The data stages leave their MLflow record, finished or failed, for us to log.
+        cfg = load_config(Path(workspace) / "params.yaml")
+        tracking.flush_stage_run(
+            workspace, stage, parent_run_id, cfg.flat(), cfg.tracking.experiment, cfg.tracking.uri
+        )
     if proc.returncode != 0:
-        raise PipelineError(f"stage {stage} failed (dvc exit {proc.returncode}):\n{log[-4000:]}")
+        raise PipelineError(f"stage {stage} failed: {reported or _dvc_error(log, proc.returncode)}", log)
     skipped = "didn't change, skipping" in log
     # DVC's run cache restores outputs of a deps+params combination it has run before.
     restored = "is cached - skipping run" in log
     return StageOutcome(stage, not skipped, time.perf_counter() - start, log, restored)
+
+
+def stale(workspace: Path, stage: str) -> bool:
+    """Whether DVC would run ``stage`` now: asked in this process, sparing a DVC start-up per stage.
+
+    A stage that is up to date costs ~0.2 s here instead of ~2 s for ``dvc repro`` in a new process,
+    which is most of a re-run with nothing changed.
+    """
+    import logging
+
+    from dvc.repo import Repo
+
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.ERROR)  # status chatter belongs to DVC's CLI, not to our log
+    try:
+        with Repo(str(workspace)) as repo:
+            return bool(repo.status(targets=[stage], single_item=True))
+    except Exception:  # anything unusual: let `dvc repro` decide and report it
+        return True
+    finally:
+        dvc_logger.setLevel(level)
+
+
+def _dvc_error(log: str, returncode: int) -> str:
+    """DVC's own ``ERROR:`` lines, for a stage that died without reporting (killed, DVC itself failed)."""
+    lines = [line.removeprefix("ERROR:").strip() for line in log.splitlines() if line.startswith("ERROR:")]
+    return "; ".join(lines) or f"dvc exit {returncode}: {log.splitlines()[-1] if log else 'no output'}"
 
 
 def stage_status(workspace: Path) -> str:

@@ -12,9 +12,10 @@ Data versions live under ``<workspace>/data/feedback/``:
   what makes a second trigger for the same window return the first one's result.
 
 New data changes the evaluation split, and the registry's gate refuses to compare metrics measured
-on different data. :func:`reevaluate_champion` scores the champion's bundle (as it serves, with its
-own frozen history) on the challenger's test split with the offline protocol, so the gate can compare
-the two on the same users and items (:func:`register_and_gate_new_data`).
+on different data. :class:`SplitReevaluator` measures the champion's and the challenger's bundles side
+by side on the challenger's split, both scored from the same histories (the new data's, feedback
+included), with the same cold-item slice and the same latency benchmark in one process; the registry
+gates on those numbers in its ``reevaluated`` mode (:func:`register_and_gate_new_data`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from components import fetch
 from components.storage import atomic_dir, read_json, write_json
@@ -173,10 +176,6 @@ def read_inter(path: Path) -> tuple[list[str], pd.DataFrame]:
     header = path.read_text(encoding="utf-8").split("\n", 1)[0].rstrip("\r").split("\t")
     frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
     return header, frame
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _fmt(value: float) -> str:
@@ -402,141 +401,211 @@ def append_version(
 # ---- the gate on new data --------------------------------------------------------------------------
 
 
-def reevaluate_champion(engine: Any, workspace: Path, ks: list[int]) -> dict[str, float]:
-    """Metrics of a serving engine on the workspace's test split, with the evaluate stage's protocol.
+class BundleScorer:
+    """A serving bundle behind the evaluate stage's ``score(users, history)``, in a workspace's ids.
 
-    Every user with test interactions gets a full ranking with their train and valid items excluded.
-    A user the engine knows is ranked as served (its own frozen history); an unknown user from their
-    profile and their train/valid items as history; items the engine does not know are never ranked.
-
-    Returns:
-        ``compute_metrics`` over the test users (``hit@k``, ``ndcg@k``, ..., ``n_users``).
+    Known users are scored by the bundle's ONNX scorer from the ``history`` given (not the history
+    frozen into the bundle); users the bundle does not know are ranked as serving ranks cold users,
+    from their profile and history. Items the bundle does not know score ``-inf`` (never ranked).
     """
-    from components.metrics import compute_metrics
-    from components.split import load_split, to_matrix
-    from components.stages import Paths
 
-    paths = Paths(Path(workspace))
-    users = pd.read_parquet(paths.processed / "users.parquet").sort_values("user")
-    items = pd.read_parquet(paths.processed / "items.parquet").sort_values("item")
-    split = load_split(paths.split)
-    n_users, n_items = len(users), len(items)
-    seen = (to_matrix(split.train, n_users, n_items) + to_matrix(split.valid, n_users, n_items)).tocsr()
-    test = to_matrix(split.test, n_users, n_items)
-    item_ids = items["item_id"].astype(str).tolist()
-    index = {item: k for k, item in enumerate(item_ids)}
-    user_ids = users["user_id"].astype(str).tolist()
-    profile_cols = [c for c in ("age", "gender", "occupation", "zip_code") if c in users.columns]
-    profiles = users[profile_cols].astype(str).to_dict("records") if profile_cols else [{}] * n_users
-    known_items = set(engine.item_ids)
-    k_max = min(max(ks), n_items)
-    eval_users = np.flatnonzero(np.diff(test.indptr) > 0)
-    topk = np.full((len(eval_users), max(ks)), -1, dtype=np.int64)
-    for row, u in enumerate(eval_users):
-        excluded = set(seen.indices[seen.indptr[u] : seen.indptr[u + 1]].tolist())
-        want = min(k_max + len(excluded), len(known_items))
-        uid = user_ids[u]
-        if engine.known_user(uid):
-            recs = engine.recommend(uid, want, explain=False)
-        else:
-            history = [item_ids[i] for i in sorted(excluded) if item_ids[i] in known_items][-1000:]
-            profile = {k: v for k, v in profiles[u].items() if v and v != "nan"}
-            if not history and not profile:
-                continue
-            recs = engine.recommend(None, want, profile=profile or None, history=history, explain=False)
-        ranked = [index[r["item_id"]] for r in recs if r["item_id"] in index]
-        ranked = [i for i in ranked if i not in excluded][:k_max]
-        topk[row, : len(ranked)] = ranked
-    return compute_metrics(topk, test[eval_users], ks)
+    def __init__(self, engine: Any, users: pd.DataFrame, items: pd.DataFrame) -> None:
+        self.engine = engine
+        self.user_ids = users.sort_values("user")["user_id"].astype(str).tolist()
+        ws_items = {item: k for k, item in enumerate(items.sort_values("item")["item_id"].astype(str))}
+        self.n_items = len(ws_items)
+        own_items = list(engine.item_ids)  # in the engine's index order
+        self.own_users = {u: k for k, u in enumerate(engine.users["user_id"].astype(str))}
+        # Workspace item -> the engine's index (-1: unknown to it), and the engine's items we can place.
+        self.to_own = np.full(self.n_items, -1, dtype=np.int64)
+        for k, item in enumerate(own_items):
+            if item in ws_items:
+                self.to_own[ws_items[item]] = k
+        self.placed = np.flatnonzero(self.to_own >= 0)
+        self.n_own = len(own_items)
+        self.own_items = {item: k for k, item in enumerate(own_items)}
+        self.own_to_ws = np.full(self.n_own, -1, dtype=np.int64)
+        self.own_to_ws[self.to_own[self.placed]] = self.placed
+        cols = [c for c in ("age", "gender", "occupation", "zip_code") if c in users.columns]
+        frame = users.sort_values("user")[cols].astype(str)
+        self.profiles = frame.to_dict("records") if cols else [{} for _ in self.user_ids]
+        self.own_item_ids = own_items
 
+    def own_rows(self, history: sp.csr_matrix) -> sp.csr_matrix:
+        """History rows in the engine's item index (items it does not know dropped)."""
+        coo = history[:, self.placed].tocoo()
+        cols = self.to_own[self.placed][coo.col]
+        shape = (history.shape[0], self.n_own)
+        return sp.csr_matrix((np.ones(len(cols), np.float32), (coo.row, cols)), shape=shape)
 
-def trained_on(registry: Any, version: str) -> str | None:
-    """The ``data.path`` the version's training run was configured with (None when unknown)."""
-    mv = registry.version(version)
-    if not mv.run_id:
-        return None
-    try:
-        params = registry.client.get_run(mv.run_id).data.params
-    except Exception:  # a deleted or foreign run: treat as unknown
-        return None
-    value = params.get("data.path")
-    return None if value in (None, "null", "") else str(Path(value).resolve())
+    def score(self, users: np.ndarray, history: sp.csr_matrix | None = None) -> np.ndarray:
+        """Scores ``(len(users), n_items)`` of workspace users from their rows of ``history``."""
+        if history is None:
+            raise ValueError("BundleScorer needs the history matrix")
+        users = np.asarray(users, dtype=np.int64)
+        rows = self.own_rows(sp.csr_matrix(history)[users])
+        own = np.asarray([self.own_users.get(self.user_ids[u], -1) for u in users], dtype=np.int64)
+        out = np.full((len(users), self.n_items), -np.inf, dtype=np.float32)
+        known = np.flatnonzero(own >= 0)
+        if len(known):
+            feats = self.engine.bank.rows(rows[known], own[known])
+            feeds = {
+                "history": rows[known].toarray().astype(np.float32),
+                "profile": self.engine.profile[own[known]].astype(np.float32),
+                "features": feats,
+            }
+            (scores,) = self.engine.scorer.run(["scores"], feeds)
+            out[np.ix_(known, self.placed)] = scores[:, self.to_own[self.placed]]
+        for r in np.flatnonzero(own < 0):
+            out[r] = self._cold_scores(int(users[r]), rows[r])
+        return out
 
-
-def register_and_gate_new_data(
-    workspace: Path, cfg: Config, bundle: Path, run_id: str, data_path: Path
-) -> dict[str, Any]:
-    """Register a bundle trained on ``data_path`` as challenger and gate it against the champion.
-
-    Which gate runs depends on the data the champion was trained on:
-
-    * no champion, or the champion was trained on the same data version: the registry's own gate
-      (``Registry.promote``), exactly as after ``metarec run``;
-    * a different data version: the champion's warm metrics are re-measured on this workspace's test
-      split (:func:`reevaluate_champion`, the split the challenger was evaluated on) and the gate
-      compares the two there; its cold metric and latency are kept as registered (the cold-item
-      protocol refits a model, which a frozen bundle cannot). A pass promotes through the registry's
-      audited ``promote`` (``force``, past the stored fingerprints, with the re-evaluated decision
-      as the recorded reason); a refusal leaves the version as challenger.
-
-    The decision is kept on the version as ``metarec.gate`` (with ``"gate": "reevaluated"`` in the
-    second case).
-
-    Returns:
-        ``{"version", "promoted", "champion", "reasons", "gate", "champion_reevaluated"?}``.
-    """
-    import tempfile
-
-    from components.bundle import load_bundle
-    from registry.gate import Candidate, GateDecision, evaluate_gate, metric
-    from registry.store import CHAMPION, open_registry
-
-    registry = open_registry(workspace, cfg)
-    mv = registry.register(bundle, run_id)
-    version = str(mv.version)
-    champion = registry.aliases().get(CHAMPION)
-    same = champion is not None and trained_on(registry, champion) == str(Path(data_path).resolve())
-    out: dict[str, Any] = {"version": version}
-    decision: GateDecision | None
-    if champion is None or same:
-        move = registry.promote(version, reason="passed the gate after retraining")
-        decision = move.decision
-        out.update(gate="registry", promoted=move.moved)
-    else:
-        challenger = registry.candidate(version)
-        incumbent = registry.candidate(champion)
-        with tempfile.TemporaryDirectory(prefix="metarec-regate-") as tmp:
-            champion_bundle, _ = registry.download_bundle(champion, Path(tmp))
-            engine = load_bundle(champion_bundle, version=champion)
-            warm = reevaluate_champion(engine, workspace, cfg.eval.ks)
-        section = cfg.registry.primary.partition(".")[0]
-        rebased = Candidate(champion, {**incumbent.metrics, section: warm}, challenger.data_version)
-        decision = evaluate_gate(challenger, rebased, cfg.registry)
-        registered = metric(incumbent.metrics, cfg.registry.primary)
-        reevaluated = metric(rebased.metrics, cfg.registry.primary)
-        out.update(
-            gate="reevaluated",
-            promoted=False,
-            champion_reevaluated={
-                "version": champion,
-                cfg.registry.primary: reevaluated,
-                "registered": registered,
-                "n_users": warm.get("n_users"),
-            },
+    def _cold_scores(self, user: int, row: sp.csr_matrix) -> np.ndarray:
+        """A user the bundle does not know, ranked by its cold-user path; rank order as scores."""
+        out = np.full(self.n_items, -np.inf, dtype=np.float32)
+        history = [self.own_item_ids[i] for i in row.indices]
+        profile = {k: v for k, v in self.profiles[user].items() if v and v != "nan"}
+        if not history and not profile:
+            return out
+        recs = self.engine.recommend(
+            None, self.n_own, profile=profile or None, history=history, explain=False
         )
-        if decision.promote:
-            new = metric(challenger.metrics, cfg.registry.primary)
-            why = (
-                f"retrain: passed the gate against champion v{champion} re-evaluated on this version's "
-                f"evaluation data ({cfg.registry.primary} {_num(new)} > {_num(reevaluated)}; "
-                f"v{champion} had {_num(registered)} on its own data)"
-            )
-            out["promoted"] = registry.promote(version, reason=why, force=True).moved
-    tag = decision.to_dict() if decision is not None else {}
-    tag.update({k: out[k] for k in ("gate", "champion_reevaluated") if k in out})
-    registry.client.set_model_version_tag(
-        registry.name, version, "metarec.gate", json.dumps(tag, sort_keys=True, default=str)
+        for rec in recs:
+            ws = self.own_to_ws[self.own_items[rec["item_id"]]]
+            if ws >= 0:
+                out[ws] = -float(rec["rank"])
+        return out
+
+
+class SplitReevaluator:
+    """Measures serving bundles side by side on a workspace's split, as the evaluate stage measures.
+
+    Every bundle ranks the full catalogue for the test users from the same history (this split's
+    train part: the data after the new feedback, not the history frozen into the bundle), with train
+    and valid items excluded (:class:`BundleScorer`). ``warm`` is the overall test metrics, ``cold``
+    the ``cold_items`` slice (test items without training interactions; absent when the split has
+    none: a frozen bundle cannot be refitted with items made cold), ``latency`` the scorer's p99 on
+    one user's real inputs, the bundles timed in turn so every one meets the same machine load.
+    """
+
+    protocol = (
+        "test split ranked from its train histories (new feedback included), train+valid excluded; "
+        "cold_items slice; scorer p99 timed in turn"
     )
-    out["reasons"] = decision.reasons if decision is not None else []
-    out["champion"] = registry.aliases().get(CHAMPION)
-    return out
+
+    def __init__(self, workspace: Path, cfg: Config) -> None:
+        self.workspace = Path(workspace)
+        self.cfg = cfg
+
+    @cached_property
+    def data_version(self) -> dict[str, str]:
+        """The workspace's data version (DVC hashes), the data every measurement is taken on."""
+        from components.tracking import data_version
+
+        return data_version(self.workspace)
+
+    def measure(self, bundles: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """``{version: {"warm", "cold"?, "latency"}}`` for verified bundle directories."""
+        from components.bundle import load_bundle
+        from components.stages import Paths, load_parts
+
+        loaded = load_parts(Paths(self.workspace))
+        threads = self.cfg.export.latency_threads
+        scorers = {
+            v: BundleScorer(load_bundle(path, version=v, threads=threads), loaded.users, loaded.items)
+            for v, path in bundles.items()
+        }
+        out = {v: self._ranking(scorer, loaded.data) for v, scorer in scorers.items()}
+        for v, latency in self._latency(scorers, loaded.data).items():
+            out[v]["latency"] = latency
+        return out
+
+    def _ranking(self, scorer: BundleScorer, data: Any) -> dict[str, Any]:
+        from components import evaluate
+
+        ev = self.cfg.eval
+        result = evaluate.evaluate(scorer, data, "test", ev.ks, ev.activity_buckets, ev.block_size)  # type: ignore[arg-type]
+        sections: dict[str, Any] = {"warm": result["overall"]}
+        if "cold_items" in result["slices"]:
+            sections["cold"] = result["slices"]["cold_items"]
+        return sections
+
+    def _latency(self, scorers: dict[str, BundleScorer], data: Any) -> dict[str, dict[str, float]]:
+        """Scorer p50/p99/mean ms per bundle, batch 1, on the first test user all of them know."""
+        test_users = np.flatnonzero(np.diff(data.test.indptr) > 0)
+        common = [u for u in test_users if all(s.user_ids[u] in s.own_users for s in scorers.values())]
+        if not common:
+            return {}  # no latency: the gate then refuses on the missing metric
+        user = int(common[0])
+        calls = {}
+        for v, s in scorers.items():
+            row = s.own_rows(data.train[[user]])
+            own = np.asarray([s.own_users[s.user_ids[user]]])
+            feeds = {
+                "history": row.toarray().astype(np.float32),
+                "profile": s.engine.profile[own].astype(np.float32),
+                "features": s.engine.bank.rows(row, own),
+            }
+            calls[v] = (s.engine.scorer, feeds)
+        ex = self.cfg.export
+        return interleaved_latency(calls, ex.latency_runs, ex.latency_rounds)
+
+
+# Shortest timed span of one latency round (seconds, all bundles together).
+MIN_ROUND_S = 0.5
+
+
+def interleaved_latency(
+    calls: dict[str, tuple[Any, dict[str, np.ndarray]]], runs: int, rounds: int, warmup: int = 20
+) -> dict[str, dict[str, float]]:
+    """p50/p99/mean ms of ``session.run(None, feeds)`` per key, the sessions timed in turn.
+
+    One call of each per step, in alternating order, so a burst of someone else's work lands on all
+    of them alike; of ``rounds`` rounds of ``runs`` steps (more when needed to fill ``MIN_ROUND_S``),
+    each key's round with the lowest p99 counts, as the export stage reports its own latency.
+    """
+    import time
+
+    keys = list(calls)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        for key in keys:
+            calls[key][0].run(None, calls[key][1])
+    # A sub-millisecond scorer's p99 over a few hundred calls is a handful of scheduler hiccups: time
+    # at least MIN_ROUND_S per round so the tail is a percentile, not an accident.
+    per_step = (time.perf_counter() - start) / max(warmup, 1)
+    runs = max(runs, int(MIN_ROUND_S / max(per_step, 1e-6)))
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        ms = {key: np.empty(runs) for key in keys}
+        for step in range(runs):
+            for key in keys if step % 2 == 0 else keys[::-1]:
+                session, feeds = calls[key]
+                start = time.perf_counter()
+                session.run(None, feeds)
+                ms[key][step] = (time.perf_counter() - start) * 1000.0
+        for key, times in ms.items():
+            p99 = float(np.percentile(times, 99))
+            if key not in best or p99 < best[key]["scorer_p99_ms"]:
+                best[key] = {
+                    "scorer_p50_ms": float(np.percentile(times, 50)),
+                    "scorer_p99_ms": p99,
+                    "scorer_mean_ms": float(times.mean()),
+                }
+    return best
+
+
+def register_and_gate_new_data(workspace: Path, cfg: Config, bundle: Path, run_id: str) -> dict[str, Any]:
+    """Register a retrained bundle as challenger; gate it against the champion, both re-evaluated.
+
+    The registry's ``reevaluated`` gate mode: the champion and the challenger are measured now, on
+    this workspace's split (the challenger's), by :class:`SplitReevaluator`; a pass promotes through
+    the registry's audited ``promote``, a refusal leaves the version as challenger. Without a champion
+    the absolute floors decide. Idempotent per training run (a retry registers no second version).
+
+    Returns:
+        ``{"version", "promoted", "champion", "gate", "reasons", "decision"}``.
+    """
+    from registry.store import register_and_gate
+
+    return register_and_gate(workspace, bundle, run_id, cfg, SplitReevaluator(workspace, cfg))

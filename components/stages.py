@@ -94,24 +94,25 @@ def _run(paths: Paths, cfg: Config, stage: str) -> Any:
     return tracking.stage_run(paths.root, stage, cfg.flat(), cfg.tracking.experiment, cfg.tracking.uri)
 
 
+def _light_run(paths: Paths, cfg: Config, stage: str) -> Any:
+    tr = cfg.tracking
+    return tracking.deferred_stage_run(paths.root, stage, cfg.flat(), tr.experiment, tr.uri)
+
+
 def run_fetch(paths: Paths, cfg: Config) -> None:
     """Materialise the raw dataset files into ``data/raw``."""
-    with _run(paths, cfg, "fetch"):
-        import mlflow
-
+    with _light_run(paths, cfg, "fetch") as run:
         result = fetch.fetch(paths.raw, cfg.data.path, cfg.data.name)
-        mlflow.log_dict(result.files, "raw_files_sha256.json")
-        mlflow.log_param("data.source", cfg.data.path or f"pypi:recbole=={fetch.RECBOLE_VERSION}")
+        run.log_dict(result.files, "raw_files_sha256.json")
+        run.log_param("data.source", cfg.data.path or f"pypi:recbole=={fetch.RECBOLE_VERSION}")
 
 
 def run_ingest(paths: Paths, cfg: Config) -> None:
     """Validate the raw files and write Parquet tables plus the data report."""
-    with _run(paths, cfg, "ingest"):
-        import mlflow
-
+    with _light_run(paths, cfg, "ingest") as run:
         report = ingest.ingest(paths.raw, cfg.data.name, paths.processed, cfg.data.duplicates)
-        _log_json("data_report.json", report)
-        mlflow.log_metrics(
+        run.log_dict(report, "data_report.json")
+        run.log_metrics(
             {
                 "data.n_users": report["n_users"],
                 "data.n_items": report["n_items"],
@@ -120,7 +121,7 @@ def run_ingest(paths: Paths, cfg: Config) -> None:
                 "data.n_triples": report["n_triples"],
             }
         )
-        _log_figure(data_report_figure(paths.processed, report), "data_report.png")
+        run.log_figure(data_report_figure(paths.processed, report), "data_report.png")
 
 
 def data_report_figure(processed: Path, report: dict[str, Any]) -> Any:
@@ -155,9 +156,7 @@ def data_report_figure(processed: Path, report: dict[str, Any]) -> Any:
 
 def run_build_kg(paths: Paths, cfg: Config) -> None:
     """Build and save the typed heterogeneous graph with its schema picture."""
-    with _run(paths, cfg, "build_kg"):
-        import mlflow
-
+    with _light_run(paths, cfg, "build_kg") as run:
         _, users, items, triples = ingest.read_processed(paths.processed)
         graph, report = kg.build_graph(
             users,
@@ -169,9 +168,9 @@ def run_build_kg(paths: Paths, cfg: Config) -> None:
             cfg.kg.type_names,
         )
         kg.save_graph(graph, paths.graph, report)
-        mlflow.log_artifact(str(paths.graph / "schema.png"))
-        mlflow.log_artifact(str(paths.graph / "report.json"), artifact_path="graph")
-        mlflow.log_metrics(
+        run.log_artifact(str(paths.graph / "schema.png"))
+        run.log_artifact(str(paths.graph / "report.json"), artifact_path="graph")
+        run.log_metrics(
             {
                 "graph.node_types": len(graph.node_ids),
                 "graph.relations": len(graph.relations),
@@ -182,15 +181,13 @@ def run_build_kg(paths: Paths, cfg: Config) -> None:
 
 def run_split(paths: Paths, cfg: Config) -> None:
     """Split interactions into train/valid/test."""
-    with _run(paths, cfg, "split"):
-        import mlflow
-
+    with _light_run(paths, cfg, "split") as run:
         inter, *_ = ingest.read_processed(paths.processed)
         parts = split.split_interactions(inter, cfg.split)
         split.save_split(parts, paths.split, {"protocol": cfg.split.protocol, "seed": cfg.seed})
         stats = read_json(paths.split / "stats.json")
-        _log_json("split_stats.json", stats)
-        mlflow.log_metrics({f"split.{p}.interactions": stats[p]["interactions"] for p in split.PARTS})
+        run.log_dict(stats, "split_stats.json")
+        run.log_metrics({f"split.{p}.interactions": stats[p]["interactions"] for p in split.PARTS})
 
 
 Miner = Callable[[Path, Path, MineConfig, int], dict[str, Any]]

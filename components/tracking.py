@@ -159,3 +159,135 @@ def log_run_summary(workspace: Path, metrics: dict[str, Any], outcomes: list[dic
     ):
         if (Path(workspace) / path).exists():
             mlflow.log_artifact(str(Path(workspace) / path), artifact_path=folder)
+
+
+# ---- deferred stage runs --------------------------------------------------------------------------
+# The data stages (fetch, ingest, build_kg, split) do seconds of work; importing MLflow and opening its
+# store would cost more than the work itself. They write what they log to the workspace instead, and
+# whoever has MLflow loaded already (the flow, or the stage itself when run by hand) logs it.
+
+RECORDS_DIR = ".metarec/stage-runs"
+
+
+class StageRecord:
+    """What one stage logs (params, metrics, JSON, figures, files), kept on disk until it is logged."""
+
+    def __init__(self, workspace: Path, stage: str) -> None:
+        self.workspace = Path(workspace)
+        self.stage = stage
+        self.dir = self.workspace / RECORDS_DIR / stage
+        self.params: dict[str, str] = {}
+        self.metrics: dict[str, float] = {}
+        self.files: list[tuple[str, str | None]] = []  # (path, artifact_path)
+        self.started = 0.0
+        self.status = "FINISHED"
+        self.error = ""
+
+    def log_param(self, key: str, value: Any) -> None:
+        self.params[key] = str(value)
+
+    def log_metrics(self, values: dict[str, float]) -> None:
+        self.metrics.update({k: float(v) for k, v in values.items()})
+
+    def log_dict(self, data: Any, name: str) -> None:
+        import json
+
+        path = self.dir / "files" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        self.files.append((str(path), str(Path(name).parent) if Path(name).parent != Path(".") else None))
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        path = self.dir / "files" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        self.files.append((str(path), None))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.files.append((str(Path(path).resolve()), artifact_path))
+
+    def save(self, ended: float) -> None:
+        import json
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "stage": self.stage,
+            "params": self.params,
+            "metrics": self.metrics,
+            "files": self.files,
+            "status": self.status,
+            "error": self.error[:5000],
+            "start_ms": int(self.started * 1000),
+            "end_ms": int(ended * 1000),
+        }
+        (self.dir / "record.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def deferred_stage_run(
+    workspace: Path, stage: str, flat_config: dict[str, Any], experiment: str, uri: str = ""
+) -> Iterator[StageRecord]:
+    """A stage run logged later: by the flow (``flush_stage_run``) or, when run by hand, at its end."""
+    import shutil
+    import time
+
+    record = StageRecord(workspace, stage)
+    shutil.rmtree(record.dir, ignore_errors=True)  # an earlier attempt's record is not this run's
+    record.started = time.time()
+    try:
+        yield record
+    except BaseException as exc:
+        # Failed runs are kept, as MLflow would have: the UI shows which stage broke and why.
+        record.status, record.error = "FAILED", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        record.save(time.time())
+        if not os.environ.get(PARENT_ENV):
+            flush_stage_run(workspace, stage, None, flat_config, experiment, uri)
+
+
+def flush_stage_run(
+    workspace: Path,
+    stage: str,
+    parent_run_id: str | None,
+    flat_config: dict[str, Any],
+    experiment: str,
+    uri: str = "",
+) -> str | None:
+    """Log a stage's deferred record as its MLflow run (nested under ``parent_run_id``); return the run id."""
+    import json
+    import shutil
+
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    folder = Path(workspace) / RECORDS_DIR / stage
+    path = folder / "record.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    experiment_id = setup(workspace, experiment, uri)
+    tags = {"metarec.stage": stage, "metarec.git_commit": git_commit()}
+    tags.update({f"metarec.data_version.{p}": md5 for p, md5 in data_version(workspace).items()})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    if record.get("error"):
+        tags["metarec.error"] = record["error"]
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, start_time=record["start_ms"], tags=tags, run_name=stage)
+    run_id = run.info.run_id
+    params = {k: ("null" if v is None else str(v))[:6000] for k, v in flat_config.items()}
+    params.update(record["params"])
+    metrics = [Metric(k, v, record["end_ms"], 0) for k, v in record["metrics"].items()]
+    client.log_batch(run_id, metrics=metrics)
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[start : start + 100])
+    for file, artifact_path in record["files"]:
+        client.log_artifact(run_id, file, artifact_path)
+    client.set_terminated(run_id, record.get("status", "FINISHED"), end_time=record["end_ms"])
+    shutil.rmtree(folder, ignore_errors=True)
+    return str(run_id)

@@ -61,14 +61,16 @@ def snapshot_feedback(
     return version.__dict__, counts, name
 
 
-@task(name="register-and-gate", cache_policy=NO_CACHE)
-def register_and_gate(workspace: str, run_id: str, data_path: str) -> dict[str, Any]:
-    """Register the exported bundle as challenger; gate it against the champion on the same data."""
+# Registration is idempotent per training run, so a retry after a partial failure resumes it.
+@task(name="register-and-gate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def register_and_gate(workspace: str, run_id: str) -> dict[str, Any]:
+    """Register the exported bundle as challenger; gate it against the champion, both re-evaluated."""
     from components.retrain import register_and_gate_new_data
     from components.stages import Paths
 
     ws = Path(workspace)
-    outcome = register_and_gate_new_data(ws, _config(workspace), Paths(ws).bundle, run_id, Path(data_path))
+    outcome = register_and_gate_new_data(ws, _config(workspace), Paths(ws).bundle, run_id)
+    outcome.pop("decision", None)  # kept on the version as metarec.gate; the window records the rest
     logger = get_run_logger()
     verdict = "promoted to champion" if outcome["promoted"] else "kept as challenger"
     logger.info("registered version %s (%s gate): %s", outcome["version"], outcome["gate"], verdict)
@@ -106,7 +108,7 @@ def retrain(
 
     Returns:
         ``{window, reason, retrained, reused, data_version, n_appended, counts, training_run_id,
-        metrics, registry: {version, promoted, champion, reasons, regate}}``.
+        metrics, registry: {version, promoted, champion, gate, reasons}}``.
     """
     from flows.training import training
 
@@ -155,7 +157,7 @@ def retrain(
         ]
         register = cfg.registry.enabled and cfg.retrain.reevaluate_champion
         if register:
-            # This flow registers and gates itself (the gate must know the champion's data version);
+            # This flow registers and gates itself (re-evaluating the champion on the new split);
             # the setting is restored right after (registry settings are no DVC stage's params), and
             # by the next retrain if this process dies first (the mark in versions.json).
             train_overrides.append("registry.enabled=false")
@@ -167,7 +169,7 @@ def retrain(
             if register:
                 _resume_registry(versions)
         if register and _config(ws).model.name == "metarec":
-            registry = register_and_gate(ws, result["run_id"], str(data_path))
+            registry = register_and_gate(ws, result["run_id"])
         else:
             registry = dict(result.get("registry") or {})
             registry.pop("decision", None)

@@ -20,8 +20,11 @@ def prepare(workspace: str, overrides: list[str]) -> dict[str, Any]:
 @task(name="dvc-stage", task_run_name="{stage}")
 def run_stage(workspace: str, stage: str, parent_run_id: str) -> dict[str, Any]:
     """Run one DVC stage (skipped by DVC when nothing it depends on changed)."""
-    outcome = pipeline.repro_stage(Path(workspace), stage, parent_run_id)
     logger = get_run_logger()
+    # A line when a stale stage starts shows where a long run is (DVC captures the stage's own output).
+    outcome = pipeline.repro_stage(
+        Path(workspace), stage, parent_run_id, on_start=lambda: logger.info("stage %s: running", stage)
+    )
     if not outcome.ran:
         state = "up to date, skipped"
     elif outcome.restored:

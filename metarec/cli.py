@@ -3,25 +3,164 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
+
+DEBUG_ENV = "METAREC_DEBUG"
+LOG_FILE = Path("logs") / "metarec.log"  # under the workspace
+_log = logging.getLogger("metarec.cli")
+_log.propagate = False  # the log file only: the console gets one `error:` block, never a traceback
+_log.setLevel(logging.DEBUG)
+_log.addHandler(logging.NullHandler())  # before a workspace is known; else logging's last resort prints
+
+
+class _State:
+    debug = bool(os.environ.get(DEBUG_ENV))
+    log_file: Path | None = None
+    handler: logging.Handler | None = None
+
+
+class _Group(TyperGroup):
+    """An unexpected exception prints one ``error:`` block; its traceback goes to the log (or --debug)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
+        except Exception as exc:
+            if _State.debug:
+                raise
+            raise _fail(f"{type(exc).__name__}: {exc}", details=True) from None
+
 
 app = typer.Typer(
     help="metarec: knowledge-graph metapath + language-model recommender pipelines.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 # Piped output (CI logs, make) gets a wide fixed width instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", envvar=DEBUG_ENV, help="Show tracebacks and Prefect's failure logs on the console."
+        ),
+    ] = False,
+) -> None:
+    _State.debug = debug
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # the `metarec stage` processes DVC starts print theirs too
+    _log_to(None)  # until the command names its workspace (tests run many commands in one process)
+
+
+class _WorkspaceLog(logging.FileHandler):
+    """``<workspace>/logs/metarec.log``, written only once the workspace exists (no stray directories)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        path = Path(self.baseFilename)
+        if self.stream is None:
+            if not path.parent.parent.is_dir():
+                return
+            path.parent.mkdir(exist_ok=True)
+        super().emit(record)
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats as the wrapped formatter does, without the traceback (that goes to the log file)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+class _RunFailures(logging.Filter):
+    """Drop in-process flow and task run failures from the console: the CLI reports them, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        return not re.match(r"Finished in state (Failed|Crashed)\b", record.getMessage())
+
+
+_RUN_FAILURES = _RunFailures()
+
+
+def _prefect_logging_ready() -> bool:
+    """Whether Prefect has configured logging (its dictConfig would drop handlers attached before)."""
+    configuration = sys.modules.get("prefect.logging.configuration")
+    return bool(getattr(configuration, "PROCESS_LOGGING_CONFIG", None))
+
+
+def _quiet_console(quiet: bool) -> None:
+    """Prefect's console handlers: without tracebacks and run failures, unless --debug."""
+    if not _prefect_logging_ready():
+        return
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("prefect._internal").handlers]
+    for handler in handlers:
+        if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+            continue
+        wrapped = isinstance(handler.formatter, _NoTraceback)
+        if quiet and not wrapped:
+            handler.setFormatter(_NoTraceback(handler.formatter))
+            handler.addFilter(_RUN_FAILURES)
+        elif not quiet and isinstance(handler.formatter, _NoTraceback):
+            handler.setFormatter(handler.formatter.inner)
+            handler.removeFilter(_RUN_FAILURES)
+
+
+def _log_to(ws: Path | None) -> None:
+    """Send metarec's and Prefect's records, tracebacks included, to the workspace log (None: nowhere)."""
+    path = None if ws is None else ws / LOG_FILE
+    loggers = [_log, logging.getLogger("prefect")]
+    if _State.handler is not None and _State.log_file != path:
+        for logger in loggers:
+            logger.removeHandler(_State.handler)
+        _State.handler.close()
+        _State.handler = _State.log_file = None
+    if path is not None and _State.handler is None:
+        _State.handler, _State.log_file = _WorkspaceLog(path), path
+    if _State.handler is not None:
+        # Prefect's logging setup replaces the handlers of its loggers: attach only once it has run.
+        for logger in loggers if _prefect_logging_ready() else [_log]:
+            if _State.handler not in logger.handlers:
+                logger.addHandler(_State.handler)
+    _quiet_console(not _State.debug)
+
 
 WorkspaceOpt = Annotated[
     Path | None,
@@ -34,7 +173,9 @@ WorkspaceOpt = Annotated[
 def _workspace(value: Path | None) -> Path:
     from components.pipeline import default_workspace
 
-    return value.resolve() if value is not None else default_workspace()
+    ws = value.resolve() if value is not None else default_workspace()
+    _log_to(ws)
+    return ws
 
 
 def _configured_uri(ws: Path) -> str:
@@ -45,8 +186,47 @@ def _configured_uri(ws: Path) -> str:
     return load_config(params).tracking.uri if params.exists() else ""
 
 
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+def _orchestrate() -> None:
+    """Give the flows a Prefect API (the configured one, or metarec's local server) before Prefect loads."""
+    from components.orchestration import OrchestrationError, ensure_api
+
+    # The local Prefect server would try to send telemetry; this machine may have no route for it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        ensure_api(progress=lambda line: err.print(line, highlight=False, markup=False))
+    except OrchestrationError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _fail(message: str, details: bool = False) -> typer.Exit:
+    """Print one ``error:`` block and return the exit to raise.
+
+    Called while handling an exception, it logs that exception's traceback (and a failed stage's DVC
+    output) to the workspace log, or prints them with --debug; ``details`` points the user there.
+    """
+    exc = sys.exc_info()[1]
+    stage_log = str(getattr(exc, "log", "") or "")
+    if exc is not None:
+        _log.error("%s", message, exc_info=exc)
+        if stage_log:
+            _log.error("output of the failed stage:\n%s", stage_log)
+        if _State.debug:
+            traceback.print_exception(exc)
+            if stage_log:
+                print(stage_log, file=sys.stderr)
+    else:
+        _log.error("%s", message)
+    from components.pipeline import STAGE_ERROR_ENV
+
+    report = os.environ.get(STAGE_ERROR_ENV)
+    if report:
+        # `metarec stage` under DVC: hand the message to the flow's PipelineError (components.pipeline).
+        Path(report).write_text(message, encoding="utf-8")
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    if (details or stage_log) and not _State.debug:
+        where = _State.log_file if _State.log_file and _State.log_file.exists() else None
+        hint = f"details in {where} (or rerun with --debug)" if where else "rerun with --debug for details"
+        err.print(f"  {hint}", highlight=False, markup=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -94,11 +274,10 @@ def run(
     ] = None,
 ) -> None:
     """Run the training flow end to end; print the MLflow run id and a metrics table."""
+    _orchestrate()
     from flows.training import training
 
     ws = _workspace(workspace)
-    # The local Prefect server would try to send telemetry; this machine has no route for it.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         result = training(workspace=str(ws), overrides=list(set_ or []))
     except _known_errors() as exc:
@@ -127,10 +306,10 @@ def ablate(
     ] = None,
 ) -> None:
     """Fit and evaluate the ablation variants and baselines (needs a workspace after `metarec run`)."""
+    _orchestrate()
     from flows.ablation import ablations
 
     ws = _workspace(workspace)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         result = ablations(workspace=str(ws), variants=list(variant or []) or None)
     except _known_errors() as exc:
@@ -151,6 +330,7 @@ def stage(
 
     try:
         if name == "mine":
+            _orchestrate()  # mining runs as a Prefect flow
             from flows.mining import run_mining
 
             run_stage(name, _workspace(workspace), miner=run_mining)
@@ -312,6 +492,67 @@ def ui(
     ]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (store {tracking_uri(ws)})")
     os.execv(sys.executable, cmd)  # become the server: signals (SIGTERM) reach it, no orphan is left
+
+
+server_app = typer.Typer(
+    help="The local Prefect server metarec's flows report to when PREFECT_API_URL is not set.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    port: Annotated[
+        int | None, typer.Option(help="Port on 127.0.0.1 (default 4200, else a free one).")
+    ] = None,
+) -> None:
+    """Start the local Prefect server of this PREFECT_HOME (no-op when it already runs)."""
+    from components.orchestration import OrchestrationError, configured_api_url, start
+
+    if configured_api_url():
+        err.print(f"note: PREFECT_API_URL is set ({configured_api_url()}); metarec's flows use that server")
+    try:
+        info, new = start(port=port, progress=lambda line: err.print(line, highlight=False))
+    except OrchestrationError as exc:
+        raise _fail(str(exc)) from None
+    state = "started" if new else "already running"
+    console.print(
+        f"Prefect server {state}: UI {info.url}, API {info.api_url} (pid {info.pid}, log {info.log})",
+        highlight=False,
+    )
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether the local Prefect server runs, where, and which API metarec's flows use."""
+    from components.orchestration import configured_api_url, healthy, prefect_home, read_state, running
+
+    configured = configured_api_url()
+    if configured:
+        state = "answering" if healthy(configured) else "NOT answering"
+        console.print(f"flows use PREFECT_API_URL={configured} ({state})")
+    info = running()
+    if info is not None:
+        console.print(f"local Prefect server: running, UI {info.url} (pid {info.pid}, log {info.log})")
+        return
+    recorded = read_state()
+    home = prefect_home()
+    detail = f" (recorded pid {recorded.pid} does not answer; log {recorded.log})" if recorded else ""
+    console.print(f"local Prefect server: not running{detail}; PREFECT_HOME={home}")
+    if not configured:
+        raise typer.Exit(code=3)  # like `systemctl status`: scripts can tell "not running" apart
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server of this PREFECT_HOME (its database and flow runs are kept)."""
+    from components.orchestration import stop
+
+    info = stop()
+    console.print(
+        f"stopped the Prefect server on {info.url} (pid {info.pid})" if info else "no server recorded"
+    )
 
 
 registry_app = typer.Typer(
@@ -497,16 +738,6 @@ def _ops_errors() -> tuple[type[BaseException], ...]:
     return (*_known_errors(), *_registry_errors(), RetrainError)
 
 
-def _warn_without_server(trigger: str) -> None:
-    if trigger in ("event", "run_deployment") and not os.environ.get("PREFECT_API_URL"):
-        err.print(
-            "[yellow]warning:[/] PREFECT_API_URL is not set: the drift event goes to a temporary Prefect "
-            "server that no `metarec deploy` listens to, so nothing retrains. Point PREFECT_API_URL at the "
-            "server `metarec deploy` uses, or pass --trigger inline.",
-            highlight=False,
-        )
-
-
 @app.command()
 def monitor(
     workspace: WorkspaceOpt = None,
@@ -519,14 +750,13 @@ def monitor(
     set_: SetOpt = None,
 ) -> None:
     """One drift check now: feedback since the champion's data vs its training data; report and event."""
+    _orchestrate()
     from flows.monitor import monitor as monitor_flow
     from metarec.config import load_config
 
     ws = _workspace(workspace)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         mode = trigger or load_config(ws / "params.yaml", list(set_ or [])).deploy.trigger
-        _warn_without_server(mode)
         result = monitor_flow(
             workspace=str(ws),
             window=window,
@@ -569,10 +799,10 @@ def retrain(
     set_: SetOpt = None,
 ) -> None:
     """Append the feedback since the last data version as a new DVC data version, retrain, gate."""
+    _orchestrate()
     from flows.retrain import retrain as retrain_flow
 
     ws = _workspace(workspace)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         result = retrain_flow(workspace=str(ws), window=window, reason=reason, overrides=list(set_ or []))
     except _ops_errors() as exc:
@@ -599,19 +829,13 @@ def deploy(
     limit: Annotated[int | None, typer.Option(help="Concurrent flow runs this process executes.")] = None,
 ) -> None:
     """Create the monitor (hourly) and retrain (nightly + on drift) deployments and serve them."""
+    _orchestrate()
     from flows.deploy import serve_deployments
     from metarec.config import load_config
 
     ws = _workspace(workspace)
     if not (ws / "params.yaml").exists():
         raise _fail(f"no params.yaml in {ws}; train the workspace first (`metarec run`)")
-    if not os.environ.get("PREFECT_API_URL"):
-        err.print(
-            "[yellow]warning:[/] PREFECT_API_URL is not set; deployments on a temporary server vanish with "
-            "this process and its drift triggers cannot fire. Start `prefect server start` and export "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api (docs/operations.md).",
-            highlight=False,
-        )
     cfg = load_config(ws / "params.yaml")
     d = cfg.deploy
     console.print(
@@ -641,12 +865,10 @@ def replay(
     set_: SetOpt = None,
 ) -> None:
     """Temporal replay through the serving API: with and without drift-triggered retraining."""
+    _orchestrate()
     from flows.replay import replay as replay_flow
 
     ws = _workspace(workspace)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if trigger != "inline":
-        _warn_without_server(trigger)
     caught: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError, *_ops_errors())
     try:
         result = replay_flow(

@@ -13,6 +13,16 @@ Rules (thresholds in :class:`metarec.config.RegistryConfig`):
   most ``max_cold_drop`` (absolute), and the scorer's p99 latency may grow at most
   ``max_latency_growth`` times.
 
+Two modes compare against a champion (``compared["mode"]``):
+
+* ``registered``: each version's own metrics from its bundle, comparable only on equal fingerprints.
+* ``reevaluated`` (after a retrain, when the champion was evaluated on older data): a
+  :class:`Reevaluation` in which one process measured champion and challenger on the challenger's
+  evaluation data with the same histories, the same cold-item slice and the same latency benchmark.
+  The relative checks compare those measurements; the absolute floors and parity still read the
+  challenger's bundle. The cold check applies only where the split has cold test items (both measured
+  or neither); otherwise it is reported as not applicable and only the cold floor holds.
+
 A missing metric fails its check: the gate never promotes on numbers it could not see.
 """
 
@@ -25,6 +35,9 @@ from metarec.config import RegistryConfig
 
 PASS = "pass"
 FAIL = "FAIL"
+REGISTERED = "registered"
+REEVALUATED = "reevaluated"
+LATENCY = "latency.scorer_p99_ms"
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,27 @@ class Candidate:
     version: str
     metrics: dict[str, Any]
     data_version: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reevaluation:
+    """Champion and challenger measured by one process, on the same data, with one protocol.
+
+    ``metrics`` maps each version to its measured sections (``warm``; ``cold`` where the split has
+    cold test items; ``latency``); ``data_version`` is the data they were measured on.
+    """
+
+    champion: str
+    challenger: str
+    data_version: dict[str, str]
+    metrics: dict[str, dict[str, Any]]
+    protocol: str = ""
+
+    def summary(self, cfg: RegistryConfig) -> dict[str, Any]:
+        """The compared numbers per version (primary, cold, latency) and the protocol, for the audit."""
+        names = (cfg.primary, cfg.cold_metric, LATENCY)
+        per_version = {v: {n: metric(m, n) for n in names} for v, m in sorted(self.metrics.items())}
+        return {"champion": self.champion, "protocol": self.protocol, "measured": per_version}
 
 
 @dataclass
@@ -99,13 +133,20 @@ class _Checks:
         self.add(passed, f"{name} {value:.4f} {'>=' if at_least else '<='} {bound:g} (absolute)")
 
 
-def evaluate_gate(challenger: Candidate, champion: Candidate | None, cfg: RegistryConfig) -> GateDecision:
+def evaluate_gate(
+    challenger: Candidate,
+    champion: Candidate | None,
+    cfg: RegistryConfig,
+    reevaluation: Reevaluation | None = None,
+) -> GateDecision:
     """Decide whether ``challenger`` may become champion in place of ``champion`` (None: no champion).
 
     Args:
         challenger: The version proposed for promotion.
         champion: The current champion, or None when the model has none yet.
         cfg: Thresholds and metric names.
+        reevaluation: Both versions measured on the challenger's data (``reevaluated`` mode); None
+            compares their registered metrics (``registered`` mode).
 
     Returns:
         The decision; ``reasons`` holds one ``"pass: ..."`` or ``"FAIL: ..."`` line per check.
@@ -127,6 +168,26 @@ def evaluate_gate(challenger: Candidate, champion: Candidate | None, cfg: Regist
         checks.add(True, "no champion yet: absolute floors only")
         return GateDecision(checks.ok, checks.reasons, checks.compared)
 
+    if reevaluation is None:
+        checks.compared["mode"] = REGISTERED
+        if not _same_data(checks, challenger, champion, cfg):
+            return GateDecision(False, checks.reasons, checks.compared)
+        _versus(checks, mine, champion.metrics, champion.version, cfg, cold_optional=False)
+    else:
+        checks.compared["mode"] = REEVALUATED
+        if not _measured_together(checks, challenger, champion, reevaluation, cfg):
+            return GateDecision(False, checks.reasons, checks.compared)
+        for name in (cfg.primary, cfg.cold_metric):
+            # The floors above read the bundle; what follows compares the measurements.
+            checks.compared[name]["registered"] = checks.compared[name].pop("challenger")
+        measured = reevaluation.metrics
+        theirs = measured[champion.version]
+        _versus(checks, measured[challenger.version], theirs, champion.version, cfg, cold_optional=True)
+    return GateDecision(checks.ok, checks.reasons, checks.compared)
+
+
+def _same_data(checks: _Checks, challenger: Candidate, champion: Candidate, cfg: RegistryConfig) -> bool:
+    """Registered mode: both versions' metrics come from the same evaluation data."""
     ours = eval_fingerprint(challenger.data_version, cfg.eval_data)
     theirs = eval_fingerprint(champion.data_version, cfg.eval_data)
     checks.compared["eval_data"] = {"challenger": ours, "champion": theirs}
@@ -137,13 +198,58 @@ def evaluate_gate(challenger: Candidate, champion: Candidate | None, cfg: Regist
             f"evaluation data {what} {cfg.eval_data}: metrics are not comparable "
             f"(challenger {ours or '-'}, champion v{champion.version} {theirs or '-'})",
         )
-        return GateDecision(False, checks.reasons, checks.compared)
+        return False
     checks.add(True, f"same evaluation data as champion v{champion.version}")
+    return True
 
-    theirs_metrics = champion.metrics
+
+def _measured_together(
+    checks: _Checks, challenger: Candidate, champion: Candidate, reev: Reevaluation, cfg: RegistryConfig
+) -> bool:
+    """Reevaluated mode: the measurement covers these two versions, on the challenger's data."""
+    ours = eval_fingerprint(challenger.data_version, cfg.eval_data)
+    measured_on = eval_fingerprint(reev.data_version, cfg.eval_data)
+    checks.compared["eval_data"] = {"challenger": ours, "measured_on": measured_on}
+    checks.compared["reevaluation"] = reev.summary(cfg)
+    if reev.champion != champion.version or reev.challenger != challenger.version:
+        checks.add(
+            False,
+            f"the re-evaluation measured v{reev.challenger} against v{reev.champion}, but the champion "
+            f"is now v{champion.version}: measure again",
+        )
+        return False
+    if not {champion.version, challenger.version} <= reev.metrics.keys():
+        checks.add(
+            False, f"the re-evaluation has no measurement of v{champion.version} or v{challenger.version}"
+        )
+        return False
+    if not ours or ours != measured_on:
+        checks.add(
+            False,
+            f"the re-evaluation ran on {measured_on or '-'}, not on the challenger's evaluation data "
+            f"{ours or '-'} ({cfg.eval_data})",
+        )
+        return False
+    checks.add(
+        True,
+        f"champion v{champion.version} and challenger re-evaluated together on the challenger's "
+        f"evaluation data ({reev.protocol or 'one protocol'})",
+    )
+    return True
+
+
+def _versus(
+    checks: _Checks,
+    mine: dict[str, Any],
+    theirs: dict[str, Any],
+    champion: str,
+    cfg: RegistryConfig,
+    cold_optional: bool,
+) -> None:
+    """The checks against the champion: primary margin, cold drop, latency growth."""
     # Primary: must beat the champion by the margin.
-    new, old = metric(mine, cfg.primary), metric(theirs_metrics, cfg.primary)
-    checks.compared[cfg.primary]["champion"] = old
+    new, old = metric(mine, cfg.primary), metric(theirs, cfg.primary)
+    checks.compared[cfg.primary].update(challenger=new, champion=old)
     if new is None or old is None:
         checks.missing(cfg.primary, "challenger" if new is None else "champion")
     else:
@@ -152,12 +258,16 @@ def evaluate_gate(challenger: Candidate, champion: Candidate | None, cfg: Regist
         relation = (
             f"> {old:.4f}" if cfg.margin == 0 else f">= {need:.4f} (champion {old:.4f} +{cfg.margin:.1%})"
         )
-        checks.add(passed, f"{cfg.primary} {new:.4f} {relation} of champion v{champion.version}")
+        checks.add(passed, f"{cfg.primary} {new:.4f} {relation} of champion v{champion}")
 
     # Cold metric: may not drop more than max_cold_drop.
-    new, old = metric(mine, cfg.cold_metric), metric(theirs_metrics, cfg.cold_metric)
-    checks.compared[cfg.cold_metric]["champion"] = old
-    if new is None or old is None:
+    new, old = metric(mine, cfg.cold_metric), metric(theirs, cfg.cold_metric)
+    checks.compared[cfg.cold_metric].update(challenger=new, champion=old)
+    if new is None and old is None and cold_optional:
+        # A frozen bundle cannot be refitted with items made cold; the measured cold slice needs test
+        # interactions on items without training interactions, and this split has none.
+        checks.add(True, f"{cfg.cold_metric}: no cold test items in this split, compared by floor only")
+    elif new is None or old is None:
         checks.missing(cfg.cold_metric, "challenger" if new is None else "champion")
     else:
         floor = old - cfg.max_cold_drop
@@ -167,16 +277,14 @@ def evaluate_gate(challenger: Candidate, champion: Candidate | None, cfg: Regist
         )
 
     # Latency: scorer p99 may grow at most max_latency_growth times.
-    name = "latency.scorer_p99_ms"
-    new, old = metric(mine, name), metric(theirs_metrics, name)
-    checks.compared[name] = {"challenger": new, "champion": old}
+    new, old = metric(mine, LATENCY), metric(theirs, LATENCY)
+    checks.compared[LATENCY] = {"challenger": new, "champion": old}
     if new is None or old is None:
-        checks.missing(name, "challenger" if new is None else "champion")
+        checks.missing(LATENCY, "challenger" if new is None else "champion")
     else:
         ceiling = old * cfg.max_latency_growth
-        checks.compared[name]["required"] = f"<= {ceiling:g}"
+        checks.compared[LATENCY]["required"] = f"<= {ceiling:g}"
         checks.add(
             new <= ceiling,
-            f"{name} {new:.3f} <= {ceiling:.3f} (champion {old:.3f} x{cfg.max_latency_growth:g})",
+            f"{LATENCY} {new:.3f} <= {ceiling:.3f} (champion {old:.3f} x{cfg.max_latency_growth:g})",
         )
-    return GateDecision(checks.ok, checks.reasons, checks.compared)

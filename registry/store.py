@@ -10,6 +10,10 @@ who, why, the action, the version moved from and the numbers the gate compared, 
 model's ``metarec.last_move`` tag repeats the latest one. The champion's history (what ``rollback``
 returns to) is replayed from these events. A move is ordered alias first, audit second: a crash in
 between leaves a champion that passed, and the next locked operation re-derives the missing event.
+
+Registration is idempotent per training run: a version is keyed by its source run and its manifest
+digest, so a retried ``register``/``register_and_gate`` finds the version an earlier attempt created
+and resumes from what that attempt left undone instead of registering a duplicate.
 """
 
 from __future__ import annotations
@@ -23,16 +27,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from metarec.config import Config, RegistryConfig, load_config
 from registry.bundle_io import FORMAT, MANIFEST, BundleError, file_sha256, verify_bundle
-from registry.gate import Candidate, GateDecision, evaluate_gate, metric
+from registry.gate import (
+    REEVALUATED,
+    REGISTERED,
+    Candidate,
+    GateDecision,
+    Reevaluation,
+    evaluate_gate,
+    metric,
+)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 AUDIT_PREFIX = "metarec.audit."
 LAST_MOVE = "metarec.last_move"
+GATE_TAG = "metarec.gate"
 MODEL_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 LOCK_FILE = "registry.lock"
 # Moves that make their version champion, and the one that returns to the previous champion.
@@ -44,6 +57,24 @@ _DESCRIPTION_MAX = 5000
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked; nothing was changed."""
+
+
+class Measurer(Protocol):
+    """Measures bundles side by side in one process, for the ``reevaluated`` gate mode."""
+
+    @property
+    def data_version(self) -> dict[str, str]:
+        """The data version (DVC hashes) the measurements are taken on."""
+        ...
+
+    @property
+    def protocol(self) -> str:
+        """One line saying how the bundles are measured (kept with the decision)."""
+        ...
+
+    def measure(self, bundles: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Metrics sections (``warm``, ``cold``, ``latency``) per version of verified bundle dirs."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -525,6 +556,10 @@ class Registry:
         with self._locked():
             self._ensure_model()
             events = self._reconcile()
+            # Checked again under the lock: a concurrent or earlier attempt may have registered it.
+            existing = self.registered_for(logged.run_id, logged.digest)
+            if existing is not None:
+                return self._resume(existing, events)
             mv = self.client.create_model_version(
                 self.name,
                 source=logged.model_uri,
@@ -533,36 +568,95 @@ class Registry:
                 description=card,
                 model_id=logged.model_id,
             )
-            version = str(mv.version)
-            previous = self.aliases().get(CHALLENGER)
-            self.client.set_registered_model_alias(self.name, CHALLENGER, version)
-            self._record(self._event(events, CHALLENGER, version, previous, "newly registered"), events)
-        self.client.set_tag(logged.run_id, "metarec.registry.model", self.name)
-        self.client.set_tag(logged.run_id, "metarec.registry.version", version)
-        return self.client.get_model_version(self.name, version)
+            self._make_challenger(str(mv.version), events)
+        return self._tag_source_run(mv)
+
+    def registered_for(self, run_id: str | None, digest: str) -> Any | None:
+        """The version registered from run ``run_id`` with manifest digest ``digest`` (None: none yet)."""
+        if not run_id:
+            return None
+        escaped = self.name.replace("'", "\\'")
+        found = self.client.search_model_versions(f"name='{escaped}' and run_id='{run_id}'")
+        same = [mv for mv in found if (mv.tags or {}).get("metarec.bundle_sha256") == digest]
+        return min(same, key=lambda mv: int(mv.version), default=None)
+
+    def _make_challenger(self, version: str, events: list[dict[str, Any]]) -> None:
+        """Point ``challenger`` at a newly registered version and audit it. Call locked."""
+        previous = self.aliases().get(CHALLENGER)
+        self.client.set_registered_model_alias(self.name, CHALLENGER, version)
+        self._record(self._event(events, CHALLENGER, version, previous, "newly registered"), events)
+
+    def _resume(self, mv: Any, events: list[dict[str, Any]]) -> Any:
+        """Finish the registration an interrupted attempt left half done; return the version. Call locked."""
+        version = str(mv.version)
+        # Its challenger event is the last step of registering; once written (or once the version has
+        # moved on, to champion), registration is complete and a newer challenger keeps its alias.
+        done = any(e.get("version") == version and e.get("action") == CHALLENGER for e in events)
+        if not done and self.aliases().get(CHAMPION) != version:
+            self._make_challenger(version, events)
+        return self._tag_source_run(mv)
+
+    def _tag_source_run(self, mv: Any) -> Any:
+        """Tag the version's source run with it; return the version as now stored."""
+        self.client.set_tag(mv.run_id, "metarec.registry.model", self.name)
+        self.client.set_tag(mv.run_id, "metarec.registry.version", str(mv.version))
+        return self.client.get_model_version(self.name, str(mv.version))
 
     def register(self, bundle_dir: str | Path, run_id: str | None = None) -> Any:
-        """Log a bundle and register it as the newest version, ``challenger``.
+        """Log a bundle and register it as the newest version, ``challenger``; idempotent per run.
+
+        A bundle already registered from ``run_id`` (same manifest digest) is not logged again: its
+        version is returned, with any step an interrupted registration left undone completed.
 
         Args:
             bundle_dir: The exported bundle directory.
             run_id: The run the model is logged in (the training run); None starts a ``register`` run.
 
         Returns:
-            The new ModelVersion.
+            The new (or already registered) ModelVersion.
 
         Raises:
             BundleError: The bundle does not match its manifest.
         """
+        manifest = Path(bundle_dir) / MANIFEST
+        if run_id and manifest.is_file():
+            existing = self.registered_for(run_id, file_sha256(manifest))
+            if existing is not None:
+                with self._locked():
+                    return self._resume(existing, self._reconcile())
         return self.add_version(self.log_bundle(bundle_dir, run_id))
 
-    def promote(self, ref: str | int, reason: str = "", force: bool = False) -> Move:
+    def reevaluate(self, ref: str | int, measurer: Measurer) -> Reevaluation:
+        """Measure a version and the current champion side by side, from their verified bundles.
+
+        Raises:
+            RegistryError: No champion, or the version is the champion.
+            BundleError: Either bundle fails verification.
+        """
+        version = str(self.version(ref).version)
+        champion = self.aliases().get(CHAMPION)
+        if champion is None or champion == version:
+            raise RegistryError(f"version {version} has no other champion to be re-evaluated against")
+        with tempfile.TemporaryDirectory(prefix="metarec-reevaluate-") as tmp:
+            bundles = {v: self.download_bundle(v, Path(tmp) / f"v{v}")[0] for v in (champion, version)}
+            measured = measurer.measure(bundles)
+        return Reevaluation(champion, version, dict(measurer.data_version), measured, measurer.protocol)
+
+    def promote(
+        self,
+        ref: str | int,
+        reason: str = "",
+        force: bool = False,
+        reevaluation: Reevaluation | None = None,
+    ) -> Move:
         """Make a version champion if its bundle verifies and it passes the gate against the champion.
 
         Args:
             ref: The version number (or an alias such as ``challenger``).
             reason: Why; required with ``force``.
             force: Promote even if the gate refuses (never past a bundle that fails verification).
+            reevaluation: Gate in ``reevaluated`` mode on these measurements (:meth:`reevaluate`); the
+                gate refuses them if the champion moved since they were taken.
 
         Returns:
             The move; ``moved`` is False when the gate (or verification) refused, with its reasons.
@@ -586,7 +680,7 @@ class Registry:
                 return Move(False, version, champion, decision)
             challenger = Candidate(version, manifest["metrics"], manifest["data_version"])
             incumbent = self.candidate(champion) if champion is not None else None
-            decision = evaluate_gate(challenger, incumbent, self.cfg)
+            decision = evaluate_gate(challenger, incumbent, self.cfg, reevaluation)
             if champion == version or not (decision.promote or force):
                 return Move(False, version, champion, decision)
             action = "promote" if decision.promote else "force-promote"
@@ -627,6 +721,54 @@ class Registry:
             event = self._move_champion(target, champion, _ROLLBACK, why, events, compared, [])
             return Move(True, target, champion, None, event)
 
+    def gate(self, ref: str | int, reason: str, measurer: Measurer | None = None) -> dict[str, Any]:
+        """Gate a version against the champion, promote it if it passes, keep the decision on it.
+
+        With a ``measurer`` and another champion the gate runs in ``reevaluated`` mode (both measured
+        now, side by side), else in ``registered`` mode. A version that already is champion (a retry
+        after its promotion) reports the promotion that made it so instead of gating again.
+
+        Returns:
+            ``{"version", "promoted", "champion", "gate", "reasons", "decision"}``.
+        """
+        version = str(self.version(ref).version)
+        champion = self.aliases().get(CHAMPION)
+        if champion == version:
+            decision, promoted = self._promotion_of(version), True
+        else:
+            try:
+                reevaluation = self.reevaluate(version, measurer) if measurer and champion else None
+            except BundleError as exc:
+                bad = GateDecision(False, [f"FAIL: bundle integrity: {exc}"], {"mode": REEVALUATED})
+                decision, promoted = bad, False
+            else:
+                move = self.promote(version, reason=reason, reevaluation=reevaluation)
+                decision, promoted = move.decision or GateDecision(False, [], {}), move.moved
+        tag = self.record_gate(version, decision)
+        return {
+            "version": version,
+            "promoted": promoted,
+            "champion": self.aliases().get(CHAMPION),
+            "gate": tag["gate"],
+            "reasons": decision.reasons,
+            "decision": tag,
+        }
+
+    def record_gate(self, version: str, decision: GateDecision) -> dict[str, Any]:
+        """Keep a gate decision on its version as the ``metarec.gate`` tag; return the tag's content."""
+        tag = {**decision.to_dict(), "gate": decision.compared.get("mode") or REGISTERED}
+        self.client.set_model_version_tag(
+            self.name, version, GATE_TAG, json.dumps(tag, sort_keys=True, default=str)
+        )
+        return tag
+
+    def _promotion_of(self, version: str) -> GateDecision:
+        """The decision recorded with the latest move that made ``version`` champion."""
+        moves = [e for e in self.audit(version) if e.get("action") in _PROMOTING]
+        last = moves[-1] if moves else {}
+        compared = last.get("compared") or {}
+        return GateDecision(True, list(last.get("reasons") or []), dict(compared))
+
 
 def open_registry(workspace: str | Path, config: Config | None = None, must_exist: bool = False) -> Registry:
     """The registry of a workspace, configured by its ``params.yaml`` unless ``config`` is given.
@@ -644,26 +786,22 @@ def open_registry(workspace: str | Path, config: Config | None = None, must_exis
 
 
 def register_and_gate(
-    workspace: str | Path, bundle_dir: str | Path, run_id: str | None, config: Config | None = None
+    workspace: str | Path,
+    bundle_dir: str | Path,
+    run_id: str | None,
+    config: Config | None = None,
+    measurer: Measurer | None = None,
 ) -> dict[str, Any]:
     """Register a bundle as challenger, gate it against the champion and promote it if it passes.
 
-    The training flow's last step. The gate's decision is kept on the version as ``metarec.gate``.
+    The training flow's last step, and the retrain flow's with a ``measurer`` (``reevaluated`` mode).
+    Idempotent per training run: a retry registers no second version and resumes the gate. The
+    decision is kept on the version as ``metarec.gate``.
 
     Returns:
-        ``{"version", "promoted", "champion", "reasons", "decision"}``.
+        ``{"version", "promoted", "champion", "gate", "reasons", "decision"}``.
     """
     registry = open_registry(workspace, config)
     mv = registry.register(bundle_dir, run_id)
-    move = registry.promote(mv.version, reason="passed the gate after training")
-    decision = move.decision.to_dict() if move.decision else {}
-    registry.client.set_model_version_tag(
-        registry.name, mv.version, "metarec.gate", json.dumps(decision, sort_keys=True, default=str)
-    )
-    return {
-        "version": str(mv.version),
-        "promoted": move.moved,
-        "champion": registry.aliases().get(CHAMPION),
-        "reasons": decision.get("reasons", []),
-        "decision": decision,
-    }
+    why = "passed the re-evaluation gate after retraining" if measurer else "passed the gate after training"
+    return registry.gate(mv.version, why, measurer)

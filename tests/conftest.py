@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +46,43 @@ TINY_OVERRIDES = [
 ]
 
 
+_SESSION_HOME: Path | None = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    """Quiet offline environment and one Prefect server for the session, started as a new user's is.
+
+    The session gets a fresh ``PREFECT_HOME`` (a developer's own server and database stay untouched),
+    so every run starts and migrates a new server through ``metarec``'s own code path: the first-run
+    failure a warm ``~/.prefect`` once hid cannot hide again. ``PREFECT_API_URL`` then reaches every
+    in-process flow and every ``metarec`` subprocess.
+    """
+    global _SESSION_HOME
     os.environ.update(QUIET_ENV)
+    if config.option.collectonly or os.environ.get("METAREC_TEST_PREFECT_API_URL"):
+        os.environ["PREFECT_API_URL"] = os.environ.get("METAREC_TEST_PREFECT_API_URL", "")
+        return
+    from components.orchestration import ensure_api
+
+    _SESSION_HOME = Path(tempfile.mkdtemp(prefix="metarec-test-prefect-"))
+    os.environ["PREFECT_HOME"] = str(_SESSION_HOME)
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ.pop("PREFECT_PROFILE", None)
+    ensure_api(progress=lambda line: print(line, file=sys.stderr))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_HOME is not None:
+        from components.orchestration import stop
+
+        if "prefect.logging.handlers" in sys.modules:
+            # Ship the last flow logs while the server still listens, not into a closed port at exit.
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler.flush()
+
+        stop(_SESSION_HOME)
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -62,16 +99,15 @@ def tiny_overrides() -> list[str]:
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """Run flows against a throwaway Prefect server and database for the whole session."""
+    """Flows in this process report to the session's Prefect server (see ``pytest_configure``)."""
     from prefect.logging.configuration import ensure_logging_setup
-    from prefect.testing.utilities import prefect_test_harness
 
     # Configure Prefect's logging now, against pytest's streams. Left to the first `import prefect.main`,
     # which may happen inside a CliRunner.invoke (the CLI imports the flow lazily), its console handler
     # would keep the runner's stderr, closed once the invoke returns, and every later flow would fail.
     ensure_logging_setup()
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+    assert os.environ.get("PREFECT_API_URL"), "pytest_configure sets the session's Prefect API"
+    yield
 
 
 @pytest.fixture
@@ -83,16 +119,9 @@ def free_port() -> int:
 
 
 def subprocess_env(tmp: Path) -> dict[str, str]:
-    """Environment for a ``metarec`` subprocess: quiet, offline, with its own Prefect home."""
-    env = {
-        **os.environ,
-        **QUIET_ENV,
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "NO_COLOR": "1",
-        "COLUMNS": "200",
-    }
+    """Environment for a ``metarec`` subprocess: quiet, offline, reporting to the session's Prefect server."""
+    env = {**os.environ, **QUIET_ENV, "NO_COLOR": "1", "COLUMNS": "200"}
     env.pop("METAREC_WORKSPACE", None)
-    env.pop("PREFECT_API_URL", None)
     return env
 
 

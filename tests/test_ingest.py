@@ -106,6 +106,28 @@ def test_crlf_and_missing_final_newline_are_accepted(tmp_path: Path) -> None:
     assert table.lines == [2, 3]
 
 
+def test_blank_lines_at_the_end_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "x.inter"
+    path.write_bytes(b"user_id:token\titem_id:token\nu1\ti1\nu2\ti2\n\n \r\n\t\n")
+    table = read_atomic(path, "inter")
+    assert table.columns == {"user_id": ["u1", "u2"], "item_id": ["i1", "i2"]}
+    assert table.lines == [2, 3]
+
+
+def test_blank_line_inside_is_refused_even_with_blank_lines_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "x.inter"
+    path.write_bytes(b"user_id:token\titem_id:token\nu1\ti1\n\nu2\ti2\n\n\n")
+    with pytest.raises(IngestError, match=r"x\.inter:3: empty line"):
+        read_atomic(path, "inter")
+
+
+def test_header_with_only_blank_lines_has_no_rows(tmp_path: Path) -> None:
+    path = tmp_path / "x.inter"
+    path.write_bytes(b"user_id:token\titem_id:token\n\n\n")
+    with pytest.raises(IngestError, match="has a header but no data rows"):
+        read_atomic(path, "inter")
+
+
 # --------------------------------------------------------------------------------------------------
 # The tiny fixture
 

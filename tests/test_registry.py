@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from metarec.cli import app
 from metarec.config import Config, RegistryConfig
 from registry.bundle_io import MANIFEST, BundleError, verify_bundle, write_manifest
-from registry.gate import Candidate, eval_fingerprint, evaluate_gate
+from registry.gate import Candidate, Reevaluation, eval_fingerprint, evaluate_gate
 from registry.store import (
     AUDIT_PREFIX,
     CHALLENGER,
@@ -55,7 +55,7 @@ def metrics(
     }
 
 
-def make_bundle(directory: Path, **kw: float) -> Path:
+def make_bundle(directory: Path, data: dict[str, str] = DATA, **kw: float) -> Path:
     """A small bundle: a few random-bytes files and a correct ``bundle.json``."""
     directory.mkdir(parents=True)
     (directory / "encoder.onnx").write_bytes(os.urandom(256))
@@ -66,7 +66,7 @@ def make_bundle(directory: Path, **kw: float) -> Path:
         directory,
         metrics=metrics(**kw),
         config={"seed": 42},
-        data_version=DATA,
+        data_version=data,
         git_commit="0123abcd",
         model_card=f"# metarec bundle\n\nwarm ndcg@10 {kw['ndcg']}",
     )
@@ -119,6 +119,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("registry")
     ws = root / "ws"
     dirs = {key: make_bundle(root / "bundles" / key, **kw) for key, kw in BUNDLES.items()}
+    # Retrained on new data: its own metrics (on its own split) claim much more than A's.
+    dirs["N"] = make_bundle(root / "bundles" / "N", data=NEW_DATA, ndcg=0.50, cold=0.50)
     reg = Registry(ws)
     logged = {key: reg.log_bundle(path) for key, path in dirs.items()}
     yield Store(ws, dirs, logged)
@@ -251,6 +253,77 @@ def test_gate_first_version_needs_the_floors() -> None:
     assert not low_cold.promote and any("cold.recall@20" in r for r in low_cold.failures)
     missing = evaluate_gate(Candidate("1", {"warm": {"ndcg@10": 0.5}}), None, CFG)
     assert not missing.promote and any("missing" in r for r in missing.failures)
+
+
+NEW_DATA = {**DATA, "data/split": "split-md5-2"}
+
+
+def reev(
+    champion: dict[str, float], challenger: dict[str, float], of: str = "1", data: dict[str, str] = NEW_DATA
+) -> Reevaluation:
+    """Champion v1 (measured as ``of``) and challenger v2 measured together on ``data``."""
+    measured = {"1": metrics(**champion), "2": metrics(**challenger)}
+    for sections in measured.values():  # a measurement has no parity: that is the bundle's own
+        sections.pop("parity")
+    return Reevaluation(of, "2", data, measured, "test protocol")
+
+
+def test_reevaluated_gate_compares_the_measurements_not_the_registered_metrics() -> None:
+    # Registered on different data, the champion's own numbers are not comparable to the challenger's.
+    claims = cand("2", data=NEW_DATA, ndcg=0.50, cold=0.50)
+    champion = cand("1", ndcg=0.30, cold=0.30)
+    assert any("not comparable" in r for r in evaluate_gate(claims, champion, CFG).failures)
+
+    # Measured together, the challenger's claim of 0.50 counts for the floors only.
+    worse = evaluate_gate(
+        claims, champion, CFG, reev({"ndcg": 0.31, "cold": 0.3}, {"ndcg": 0.29, "cold": 0.3})
+    )
+    assert not worse.promote and worse.compared["mode"] == "reevaluated"
+    assert worse.failures == ["FAIL: warm.ndcg@10 0.2900 > 0.3100 of champion v1"]
+    assert worse.compared["warm.ndcg@10"] == {
+        "registered": 0.50,
+        "required": ">= 0.05",
+        "challenger": 0.29,
+        "champion": 0.31,
+    }
+    assert worse.compared["reevaluation"]["measured"]["1"]["warm.ndcg@10"] == 0.31
+
+    better = evaluate_gate(
+        claims, champion, CFG, reev({"ndcg": 0.31, "cold": 0.3}, {"ndcg": 0.33, "cold": 0.3})
+    )
+    assert better.promote, better.reasons
+    # Latency and cold are the measured ones too.
+    slow = reev({"ndcg": 0.31, "cold": 0.3, "p99": 2.0}, {"ndcg": 0.33, "cold": 0.25, "p99": 3.5})
+    failures = evaluate_gate(claims, champion, CFG, slow).failures
+    assert any("cold.recall@20 0.2500 >= 0.2800" in r for r in failures), failures
+    assert any("latency.scorer_p99_ms 3.500 <= 3.000" in r for r in failures), failures
+
+
+def test_reevaluated_gate_refuses_stale_or_foreign_measurements() -> None:
+    claims = cand("2", data=NEW_DATA, ndcg=0.50, cold=0.50)
+    champion = cand("1", ndcg=0.30, cold=0.30)
+    good = ({"ndcg": 0.31, "cold": 0.3}, {"ndcg": 0.40, "cold": 0.3})
+    moved = evaluate_gate(claims, champion, CFG, reev(*good, of="3"))
+    assert not moved.promote and any("measure again" in r for r in moved.failures)
+    elsewhere = evaluate_gate(claims, champion, CFG, reev(*good, data=DATA))
+    assert not elsewhere.promote and any(
+        "not on the challenger's evaluation data" in r for r in elsewhere.failures
+    )
+    # The floors still read the bundle: a measured win does not lift a challenger below them.
+    low = cand("2", data=NEW_DATA, ndcg=0.04, cold=0.50)
+    assert not evaluate_gate(low, champion, CFG, reev(*good)).promote
+
+
+def test_reevaluated_gate_cold_check_applies_where_the_split_has_cold_items() -> None:
+    claims = cand("2", data=NEW_DATA, ndcg=0.50, cold=0.50)
+    champion = cand("1", ndcg=0.30, cold=0.30)
+    r = reev({"ndcg": 0.31, "cold": 0.3}, {"ndcg": 0.40, "cold": 0.3})
+    for sections in r.metrics.values():
+        sections.pop("cold")
+    decision = evaluate_gate(claims, champion, CFG, r)
+    assert decision.promote and any("no cold test items" in x for x in decision.reasons), decision.reasons
+    r.metrics["2"]["cold"] = {"recall@20": 0.3}  # measured on one side only: not comparable
+    assert not evaluate_gate(claims, champion, CFG, r).promote
 
 
 def test_champion_history_replays_promotions_and_rollbacks() -> None:
@@ -560,3 +633,96 @@ def test_cli_list_show_promote_rollback(store: Store, tmp_path: Path) -> None:
     empty.mkdir()
     code, out = invoke("registry", "list", "-w", str(empty))
     assert code == 1 and "no MLflow store" in out
+
+
+def training_run(reg: Registry) -> str:
+    """A fresh run in the workspace's experiment, standing in for a training run."""
+    experiment = reg.client.get_experiment_by_name("metarec")
+    assert experiment is not None
+    return str(reg.client.create_run(experiment.experiment_id).info.run_id)
+
+
+def test_register_is_idempotent_per_training_run(store: Store) -> None:
+    config = Config(registry=RegistryConfig(name="retry"))
+    reg = open_registry(store.ws, config)
+    run_id = training_run(reg)
+    first = register_and_gate(store.ws, store.dirs["A"], run_id, config)
+    again = register_and_gate(store.ws, store.dirs["A"], run_id, config)
+    # The retry finds the version and reports the promotion that made it champion.
+    assert first["version"] == again["version"] == "1" and first["promoted"] and again["promoted"]
+    assert again["reasons"] == first["reasons"] and again["gate"] == "registered"
+    assert str(reg.register(store.dirs["A"], run_id).version) == "1"
+    assert [str(mv.version) for mv in reg.versions()] == ["1"]
+    assert [e["action"] for e in reg.audit()] == ["challenger", "promote"]
+
+    # A crash right after the version was created, before its alias and audit: the retry resumes.
+    run2 = training_run(reg)
+    logged = reg.log_bundle(store.dirs["B"], run2)
+    reg.client.create_model_version(
+        reg.name,
+        source=logged.model_uri,
+        run_id=run2,
+        tags=reg._version_tags(logged.manifest, logged.digest),
+        model_id=logged.model_id,
+    )
+    resumed = register_and_gate(store.ws, store.dirs["B"], run2, config)
+    assert resumed["version"] == "2" and resumed["promoted"], resumed["reasons"]
+    assert [str(mv.version) for mv in reg.versions()] == ["2", "1"]
+    assert ("challenger", "2") in [(e["action"], e["version"]) for e in reg.audit()]
+
+    # A crash after the promotion, before the gate's tag: the retry writes it, promoting nothing twice.
+    reg.client.delete_model_version_tag(reg.name, "2", "metarec.gate")
+    done = register_and_gate(store.ws, store.dirs["B"], run2, config)
+    assert done["version"] == "2" and done["promoted"] and done["reasons"] == resumed["reasons"]
+    assert json.loads(reg.version("2").tags["metarec.gate"])["promote"] is True
+    assert [e["action"] for e in reg.audit("2")] == ["challenger", "promote"]
+    assert len(reg.versions()) == 2
+    assert reg.client.get_run(run2).data.tags["metarec.registry.version"] == "2"
+
+
+class TableMeasurer:
+    """Measures a bundle as a table says, keyed by the warm ndcg its bundle claims.
+
+    Stands in for the split evaluation of ``components.retrain.SplitReevaluator`` (exercised on real
+    bundles in ``tests/test_retrain_gate.py``); what is tested here is the registry's side of it.
+    """
+
+    protocol = "table"
+
+    def __init__(self, table: dict[float, dict[str, Any]], data: dict[str, str]) -> None:
+        self.table = table
+        self.data_version = data
+        self.seen: list[str] = []
+
+    def measure(self, bundles: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for version, path in bundles.items():
+            manifest = verify_bundle(path)  # the registry hands over downloaded, verified bundles
+            self.seen.append(version)
+            sections = metrics(**self.table[manifest["metrics"]["warm"]["ndcg@10"]])
+            sections.pop("parity")
+            out[version] = sections
+        return out
+
+
+def test_register_and_gate_reevaluates_the_champion_after_a_retrain(store: Store) -> None:
+    config = Config(registry=RegistryConfig(name="regate"))
+    assert register_and_gate(store.ws, store.dirs["A"], None, config)["promoted"]
+    # Retrained on new data: the bundle claims 0.50, but measured with A on its split it is worse.
+    worse = TableMeasurer({0.30: {"ndcg": 0.31, "cold": 0.3}, 0.50: {"ndcg": 0.29, "cold": 0.3}}, NEW_DATA)
+    out = register_and_gate(store.ws, store.dirs["N"], None, config, worse)
+    assert sorted(worse.seen) == ["1", "2"]
+    assert not out["promoted"] and out["champion"] == "1" and out["gate"] == "reevaluated"
+    assert out["decision"]["compared"]["warm.ndcg@10"]["registered"] == 0.50
+    reg = open_registry(store.ws, config)
+    tag = json.loads(reg.version("2").tags["metarec.gate"])
+    assert tag["gate"] == "reevaluated" and not tag["promote"]
+    assert any(r.startswith("FAIL: warm.ndcg@10 0.2900 > 0.3100") for r in tag["reasons"])
+
+    # Measured better, it is promoted through the gate: an ordinary audited promotion, no force.
+    better = TableMeasurer({0.30: {"ndcg": 0.31, "cold": 0.3}, 0.50: {"ndcg": 0.33, "cold": 0.3}}, NEW_DATA)
+    again = reg.gate("2", "retrain", better)
+    assert again["promoted"] and again["champion"] == "2", again["reasons"]
+    event = reg.audit("2")[-1]
+    assert event["action"] == "promote" and event["compared"]["mode"] == "reevaluated"
+    assert not [e for e in reg.audit() if e["action"] == "force-promote"]

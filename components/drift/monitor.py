@@ -3,8 +3,9 @@
 :func:`check` runs every check and returns a :class:`DriftResult`; each check has one headline
 statistic, a threshold, a status and the numbers its plot needs. Input checks compare what users do
 (item popularity, user activity, unseen items and users, genre mix, new items' text) with the
-training data; quality checks compare the served lists' online hit rate, NDCG and CTR with the
-champion's offline baseline. Thresholds and why they are what they are: ``docs/drift.md``.
+training data; quality checks compare the served lists' online hit rate and NDCG with the
+champion's offline baseline (there is no CTR check: nothing offline says what CTR to expect).
+Thresholds and why they are what they are: ``docs/drift.md``.
 
 Feedback events are one row per event, as ``components.serving.feedback`` stores them: columns
 ``event_id``, ``type`` (``impression``, ``click`` or ``rating``), ``user_id``, ``item_id``,
@@ -112,7 +113,7 @@ class Reference:
             item_embeddings: Text embeddings of training items, shape (n, d); None skips the
                 new-item text check.
             baseline: The champion's offline metrics, e.g. ``{"hit@10": 0.6, "ndcg@10": 0.3}``,
-                optionally ``"ctr"`` from an earlier healthy window; missing keys skip that check.
+                missing keys skip that check.
             model_version: The champion's version; quality checks use only its impressions.
 
         Returns:
@@ -411,32 +412,6 @@ def served_lists(impressions: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def clicked_impressions(impressions: pd.DataFrame, events: pd.DataFrame) -> int:
-    """How many impressions got a click: same ``request_id`` and item, else same user and item.
-
-    Clicks need not carry a ``model_version``; tying them to impressions attributes them to the model
-    whose list was clicked. A click counts once per impression it matches.
-    """
-    if impressions.empty:
-        return 0
-    clicks = events[events["type"] == "click"]
-    has_request = "request_id" in events.columns and "request_id" in impressions.columns
-    if has_request:
-        tied = clicks["request_id"].notna()
-        by_request = set(zip(clicks.loc[tied, "request_id"], clicks.loc[tied, "item_id"], strict=True))
-        clicks = clicks[~tied]
-        requests = impressions["request_id"]
-    else:
-        by_request = set()
-        requests = pd.Series(None, index=impressions.index, dtype=object)
-    # Clicks that name no request fall back to "this user clicked this item".
-    by_user = set(zip(clicks["user_id"], clicks["item_id"], strict=True))
-    hits = 0
-    for req, user, item in zip(requests, impressions["user_id"], impressions["item_id"], strict=True):
-        hits += (pd.notna(req) and (req, item) in by_request) or (user, item) in by_user
-    return int(hits)
-
-
 def list_positives(lists: pd.DataFrame, events: pd.DataFrame, cfg: DriftConfig) -> list[set[Any]]:
     """For each served list, the items its user clicked or rated at or after the list was served.
 
@@ -525,32 +500,6 @@ def _quality_checks(ref: Reference, events: pd.DataFrame, cfg: DriftConfig) -> l
             else:
                 p = float(sps.ttest_1samp(per_list, baseline, alternative="less").pvalue)
             out.append(_drop_check(name, mean, float(baseline), p, len(per_list), metric, cfg))
-    n_imp = len(impressions)
-    baseline_ctr = ref.baseline.get("ctr")
-    if n_imp < cfg.min_events:
-        ctr_check = _insufficient(
-            "online_ctr",
-            "quality",
-            "relative_drop",
-            cfg.quality_tolerance,
-            f"{n_imp} impressions < min_events {cfg.min_events}",
-        )
-    else:
-        n_clk = clicked_impressions(impressions, events)
-        value = stats.ctr(n_imp, n_clk)
-        if baseline_ctr is None:
-            ctr_check = _not_applicable(
-                "online_ctr",
-                "quality",
-                "relative_drop",
-                cfg.quality_tolerance,
-                f"CTR {value:.4f}; no baseline CTR to compare with",
-            )
-            ctr_check.values = {"online": value, "n": float(n_imp)}
-        else:
-            p = float(sps.binomtest(n_clk, n_imp, float(baseline_ctr), alternative="less").pvalue)
-            ctr_check = _drop_check("online_ctr", value, float(baseline_ctr), p, n_imp, "CTR", cfg)
-    out.append(ctr_check)
     return out
 
 
