@@ -53,7 +53,7 @@ replay: install
 		-S text.finetune.enabled=false -S model.metarec.epochs=15
 
 test: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-all: install
 	$(BIN)/python -m pytest

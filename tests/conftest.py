@@ -77,9 +77,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
         if "prefect.logging.handlers" in sys.modules:
             # Ship the last flow logs while the server still listens, not into a closed port at exit.
-            from prefect.logging.handlers import APILogHandler
+            from prefect.logging.handlers import APILogWorker
 
-            APILogHandler.flush()
+            APILogWorker.drain_all(timeout=5)
 
         stop(_SESSION_HOME)
         shutil.rmtree(_SESSION_HOME, ignore_errors=True)
