@@ -41,7 +41,7 @@ demo: install
 	@echo "Inspect the runs: MLflow  $(BIN)/metarec ui --workspace $(WS)  (http://127.0.0.1:5000)"
 	@echo "                  Prefect the UI printed above (metarec server stop ends it)"
 	@echo "Serve the champion: METAREC_API_KEY=... $(BIN)/metarec serve --workspace $(WS)"
-	@echo "The closed loop over time: make replay (about 15 minutes on 2 cores, docs/operations.md)"
+	@echo "The closed loop over time: make replay (about 10 minutes on 2 cores, docs/operations.md)"
 
 # A compressed temporal replay in its own workspace (docs/operations.md): the later ml-100k played through
 # the serving API in 3 windows, with and without drift-triggered retraining. Each retrain is a whole
