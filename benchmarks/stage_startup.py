@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from components.tracking import stage_record_dir
+
 STAGES = ("fetch", "ingest", "build_kg", "split")
 
 
@@ -34,7 +36,7 @@ def time_stage(workspace: Path, stage: str, deferred: bool) -> tuple[float, floa
     start = time.perf_counter()
     subprocess.run([str(metarec), "stage", stage, "-w", str(workspace)], env=env, check=True)
     wall = time.perf_counter() - start
-    record = workspace / ".metarec" / "stage-runs" / stage / "record.json"
+    record = stage_record_dir(workspace, stage) / "record.json"
     work = wall
     if deferred and record.exists():
         data = json.loads(record.read_text(encoding="utf-8"))

@@ -139,7 +139,7 @@ def repro_stage(
         )
         reported = report.read_text(encoding="utf-8").strip() if report.exists() else ""
     log = (proc.stdout + proc.stderr).strip()
-    if parent_run_id:
+    if parent_run_id and (tracking.stage_record_dir(workspace, stage) / "record.json").exists():
         # The data stages leave their MLflow record, finished or failed, for us to log.
         cfg = load_config(Path(workspace) / "params.yaml")
         tracking.flush_stage_run(

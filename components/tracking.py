@@ -169,13 +169,18 @@ def log_run_summary(workspace: Path, metrics: dict[str, Any], outcomes: list[dic
 RECORDS_DIR = ".metarec/stage-runs"
 
 
+def stage_record_dir(workspace: Path, stage: str) -> Path:
+    """Where a stage's deferred run waits to be logged (``record.json`` plus its files)."""
+    return Path(workspace) / RECORDS_DIR / stage
+
+
 class StageRecord:
     """What one stage logs (params, metrics, JSON, figures, files), kept on disk until it is logged."""
 
     def __init__(self, workspace: Path, stage: str) -> None:
         self.workspace = Path(workspace)
         self.stage = stage
-        self.dir = self.workspace / RECORDS_DIR / stage
+        self.dir = stage_record_dir(workspace, stage)
         self.params: dict[str, str] = {}
         self.metrics: dict[str, float] = {}
         self.files: list[tuple[str, str | None]] = []  # (path, artifact_path)
@@ -261,13 +266,13 @@ def flush_stage_run(
     import json
     import shutil
 
-    import mlflow
-    from mlflow.entities import Metric, Param
-
-    folder = Path(workspace) / RECORDS_DIR / stage
+    folder = stage_record_dir(workspace, stage)
     path = folder / "record.json"
     if not path.exists():
         return None
+    import mlflow
+    from mlflow.entities import Metric, Param
+
     record = json.loads(path.read_text(encoding="utf-8"))
     experiment_id = setup(workspace, experiment, uri)
     tags = {"metarec.stage": stage, "metarec.git_commit": git_commit()}

@@ -25,6 +25,10 @@ from tests.conftest import METAREC, subprocess_env
 API_KEY = "k" * 16
 
 
+def _metarec(env: dict[str, str], timeout: float, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(METAREC), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -79,10 +83,7 @@ def test_feedback_drift_event_retrain_gate_promote_swap(tmp_path: Path) -> None:
         f"deploy.name={name}",
         "serve.poll_seconds=1",
     ]
-    cmd = [str(METAREC), "run", "-w", str(ws)]
-    for o in overrides:
-        cmd += ["-S", o]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = _metarec(env, 900, "run", "-w", str(ws), *(arg for o in overrides for arg in ("-S", o)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "registered model version 1: promoted to champion" in proc.stdout
 
@@ -118,13 +119,7 @@ def test_feedback_drift_event_retrain_gate_promote_swap(tmp_path: Path) -> None:
             return sum(d["name"] == name for d in found) == 2
 
         _wait("metarec deploy to register monitor/ and retrain/ deployments", deployed, 180, 2, deploy_log)
-        mon = subprocess.run(
-            [str(METAREC), "monitor", "-w", str(ws), "--window", "loop-1"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        mon = _metarec(env, 600, "monitor", "-w", str(ws), "--window", "loop-1")
         assert mon.returncode == 0, mon.stdout[-3000:] + mon.stderr[-3000:]
         assert "DRIFT" in mon.stdout and "emitted metarec.drift.detected" in mon.stdout
         assert "started" not in mon.stdout  # the event alone starts the retrain, not run_deployment
@@ -164,13 +159,7 @@ def test_feedback_drift_event_retrain_gate_promote_swap(tmp_path: Path) -> None:
         assert answer.status_code == 200 and answer.json()["model_version"] == "2", answer.text
 
         # A second event for the same window retrains nothing.
-        again = subprocess.run(
-            [str(METAREC), "retrain", "-w", str(ws), "--window", "loop-1"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        again = _metarec(env, 300, "retrain", "-w", str(ws), "--window", "loop-1")
         assert again.returncode == 0 and "already retrained" in again.stdout, again.stdout + again.stderr
     finally:
         serve.stop()
