@@ -12,8 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from components import baselines, evaluate, fetch, ingest, split
-from metarec.config import BPRConfig, SplitConfig
+from components import baselines
+from components.core.config import BPRConfig, SplitConfig
+from components.data import fetch, ingest, split
+from components.evaluation import protocol as evaluate
 
 
 def main() -> None:

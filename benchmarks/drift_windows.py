@@ -2,7 +2,7 @@
 
 The training split of a trained workspace is cut in two at random: one half is the reference (what a
 champion was trained on), the other half feeds windows. Each window's events are written to a real
-SQLite feedback store with their own time span and read back by ``components.monitoring.read_events``
+SQLite feedback store with their own time span and read back by ``components.drift.reference.read_events``
 with that span, exactly as the monitor flow reads a window; ``check_window`` runs every drift check
 with the workspace's ``drift:`` thresholds. Item genres and text embeddings come from the workspace's
 exported bundle.
@@ -27,9 +27,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components import monitoring  # noqa: E402
+from components.core.config import load_config  # noqa: E402
+from components.drift import reference as monitoring  # noqa: E402
 from components.serving.feedback import FeedbackEvent, SQLiteFeedbackStore  # noqa: E402
-from metarec.config import load_config  # noqa: E402
 
 
 def events_of(frame: pd.DataFrame, t0: float, prefix: str, rng: np.random.Generator) -> list[FeedbackEvent]:

@@ -25,12 +25,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components import fetch, ingest, kg, split  # noqa: E402
+from components.core.config import Config, MineConfig, SplitConfig  # noqa: E402
+from components.data import fetch, ingest, kg, split  # noqa: E402
+from components.data.synthetic import SyntheticSpec, generate  # noqa: E402
 from components.metapaths import mining  # noqa: E402
 from components.metapaths.counting import Counter  # noqa: E402
 from components.metapaths.schema import Metapath, enumerate_metapaths  # noqa: E402
-from components.synthetic import SyntheticSpec, generate  # noqa: E402
-from metarec.config import Config, MineConfig, SplitConfig  # noqa: E402
 
 SIZES = {
     # users, items, entities, interactions, triples — "large" is the target size.

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from components import export
+from components.bundle import export
+from components.core.config import load_config
+from components.core.workspace import Paths
+from components.model.facade import load_parts
 from components.model.recommender import WEIGHTS, MetarecRecommender
-from components.stages import Paths, load_parts
-from metarec.config import load_config
 
 
 def best_rates(fns: dict[str, Any], n: int, repeats: int) -> dict[str, float]:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from components.tracking import stage_record_dir
+from components.core.tracking import stage_record_dir
 
 STAGES = ("fetch", "ingest", "build_kg", "split")
 

@@ -25,12 +25,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components import fetch, ingest, kg, split  # noqa: E402
+from components.core.config import Config, SplitConfig  # noqa: E402
+from components.data import fetch, ingest, kg, split  # noqa: E402
 from components.text.encoder import EmbeddingCache, Encoder, encode_cached, resolve_model  # noqa: E402
 from components.text.finetune import FinetuneConfig, finetune, validation_signal  # noqa: E402
 from components.text.pairs import holdout_pairs, next_item_pairs  # noqa: E402
 from components.text.verbalise import item_texts  # noqa: E402
-from metarec.config import Config, SplitConfig  # noqa: E402
 
 THREADS = 2
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from metarec.config import Config
+from components.core.config import Config
 
 
 @dataclass(frozen=True)

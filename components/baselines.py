@@ -16,9 +16,8 @@ from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
-from components.ranking import topk_items
+from components.evaluation.ranking import topk_items
 
 MODEL_JSON = "model.json"
 ARRAYS_NPZ = "arrays.npz"
@@ -470,6 +469,8 @@ class BPRRecommender(_NotFittedMixin):
         if n_items < 2:
             raise ValueError("BPR needs at least two items to sample negatives")
         rng = np.random.default_rng(self.seed)
+        import torch  # only BPR needs it; the rest of this module is imported by serving
+
         gen = torch.Generator().manual_seed(self.seed)
 
         degree = np.diff(csr.indptr)
@@ -578,6 +579,19 @@ class BPRRecommender(_NotFittedMixin):
         return model
 
 
+def ease_matrix(train: sp.csr_matrix, l2: float) -> np.ndarray:
+    """EASE item–item weights (Steck 2019) fitted on ``train``: B = -P/diag(P), zero diagonal."""
+    # Solve in float64: G's condition number grows as l2 shrinks, and float32 loses the small
+    # off-diagonal weights that carry the ranking.
+    x = sp.csr_matrix(train, dtype=np.float64)
+    gram = np.asarray((x.T @ x).toarray())
+    gram[np.diag_indices_from(gram)] += l2
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)[None, :]
+    b[np.diag_indices_from(b)] = 0.0
+    return b.astype(np.float32)
+
+
 class EASERecommender(_NotFittedMixin):
     """Embarrassingly Shallow Autoencoder (Steck, 2019): a closed-form item-item linear model.
 
@@ -629,8 +643,6 @@ class EASERecommender(_NotFittedMixin):
         csr = _as_binary_csr(train, "train")
         self.n_users, self.n_items = (int(s) for s in csr.shape)
         self._train = csr
-        from components.model.features import ease_matrix
-
         self.weights = np.ascontiguousarray(ease_matrix(csr, self.l2))
         self._fitted = True
         return self

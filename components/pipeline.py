@@ -19,10 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from components import fetch, tracking
-from components.stages import Paths
-from components.storage import atomic_file
-from metarec.config import Config, apply_overrides, build_config, load_config, read_params
+from components.core import tracking
+from components.core.config import Config, apply_overrides, build_config, load_config, read_params
+from components.core.storage import atomic_file
+from components.core.workspace import Paths
+from components.data import fetch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE_ENV = "METAREC_WORKSPACE"

@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components import fetch
-from components.storage import atomic_dir, read_json, write_json
-from metarec.config import Config, RetrainConfig
+from components.core.config import Config, RetrainConfig
+from components.core.storage import atomic_dir, read_json, write_json
+from components.data import fetch
 
 FEEDBACK_DATA = Path("data") / "feedback"
 VERSIONS_FILE = "versions.json"
@@ -500,14 +500,15 @@ class SplitReevaluator:
     @cached_property
     def data_version(self) -> dict[str, str]:
         """The workspace's data version (DVC hashes), the data every measurement is taken on."""
-        from components.tracking import data_version
+        from components.core.tracking import data_version
 
         return data_version(self.workspace)
 
     def measure(self, bundles: dict[str, Path]) -> dict[str, dict[str, Any]]:
         """``{version: {"warm", "cold"?, "latency"}}`` for verified bundle directories."""
-        from components.bundle import load_bundle
-        from components.stages import Paths, load_parts
+        from components.bundle.engine import load_bundle
+        from components.core.workspace import Paths
+        from components.model.facade import load_parts
 
         loaded = load_parts(Paths(self.workspace))
         threads = self.cfg.export.latency_threads
@@ -521,7 +522,7 @@ class SplitReevaluator:
         return out
 
     def _ranking(self, scorer: BundleScorer, data: Any) -> dict[str, Any]:
-        from components import evaluate
+        from components.evaluation import protocol as evaluate
 
         ev = self.cfg.eval
         result = evaluate.evaluate(scorer, data, "test", ev.ks, ev.activity_buckets, ev.block_size)  # type: ignore[arg-type]

@@ -8,10 +8,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from components import ablation, tracking
-from components.stages import Paths, evaluate_variant
-from components.storage import write_json
-from metarec.config import load_config
+from components import ablation
+from components.core import tracking
+from components.core.config import load_config
+from components.core.storage import write_json
+from components.core.workspace import Paths
+from components.model.facade import evaluate_variant
 
 
 def _flat_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from components import monitoring
-from metarec.config import Config
+from components.core.config import Config
+from components.drift import reference as monitoring
 
 
 def deployments(workspace: str | Path, cfg: Config) -> list[Any]:

@@ -16,9 +16,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from components.core.config import MineConfig
 from components.metapaths import mining
 from components.metapaths.schema import Metapath, enumerate_metapaths, parse
-from metarec.config import MineConfig
 
 
 def make_task_runner(cfg: MineConfig) -> TaskRunner[Any]:

@@ -1,6 +1,6 @@
 """The ``monitor`` flow: one drift check of the feedback since the champion's data, report, event.
 
-1. The champion's reference comes from its own bundle (``components.monitoring``).
+1. The champion's reference comes from its own bundle (``components.drift.reference``).
 2. The window is the feedback store's events after the champion's data version (its high-water mark in
    ``data/feedback/versions.json``; the whole store when the champion predates retraining), cut by
    ``since_ts``/``until_ts`` when given.
@@ -19,12 +19,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components import monitoring
+from components.drift import reference as monitoring
 
 
 def _config(workspace: str, overrides: list[str] | None) -> Any:
     """The workspace's config (the defaults where it has no params.yaml) with ``overrides``."""
-    from metarec.config import Config, apply_overrides, build_config, load_config
+    from components.core.config import Config, apply_overrides, build_config, load_config
 
     params = Path(workspace) / "params.yaml"
     if params.exists():
@@ -84,7 +84,7 @@ def drift_report(
 
     import mlflow
 
-    from components import tracking
+    from components.core import tracking
     from components.drift import report
 
     cfg = _config(workspace, overrides)

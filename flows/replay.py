@@ -23,8 +23,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from components import monitoring
 from components import replay as rp
+from components.drift import reference as monitoring
 from components.retrain import FEEDBACK_DATA, DataVersions, register_base
 
 ARMS = ("static", "retrain")
@@ -35,7 +35,8 @@ def _prepare(
     ws: Path, windows: int, train_fraction: float, replay_fraction: float, overrides: list[str]
 ) -> tuple[rp.ReplayPlan, Any]:
     """Fetch the dataset, cut it, write and ``dvc add`` v0, and return the plan and config."""
-    from components import fetch, pipeline
+    from components import pipeline
+    from components.data import fetch
 
     cfg = pipeline.prepare_workspace(ws, overrides)
     name = cfg.data.name
@@ -78,7 +79,7 @@ def _log(ws: Path, cfg: Any, params: dict[str, Any], arms: dict[str, list[dict[s
     """One MLflow run per arm (per-window metrics) under a parent run with the plot and summary."""
     import mlflow
 
-    from components import tracking
+    from components.core import tracking
 
     experiment_id = tracking.setup(ws, cfg.tracking.experiment + "-replay", cfg.tracking.uri)
     plot = rp.plot_replay(arms, out / "replay.png")

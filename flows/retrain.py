@@ -14,12 +14,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components import monitoring
+from components.drift import reference as monitoring
 from components.retrain import DataVersion, DataVersions, append_version, ensure_base, feedback_after
 
 
 def _config(workspace: str) -> Any:
-    from metarec.config import Config, load_config
+    from components.core.config import Config, load_config
 
     params = Path(workspace) / "params.yaml"
     return load_config(params) if params.exists() else Config()
@@ -65,8 +65,8 @@ def snapshot_feedback(
 @task(name="register-and-gate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def register_and_gate(workspace: str, run_id: str) -> dict[str, Any]:
     """Register the exported bundle as challenger; gate it against the champion, both re-evaluated."""
+    from components.core.workspace import Paths
     from components.retrain import register_and_gate_new_data
-    from components.stages import Paths
 
     ws = Path(workspace)
     outcome = register_and_gate_new_data(ws, _config(workspace), Paths(ws).bundle, run_id)

@@ -7,8 +7,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from components import pipeline, tracking
-from components.stages import STAGES, Paths, read_metrics
+from components import pipeline
+from components.core import tracking
+from components.core.workspace import Paths, read_metrics
+from components.stages import STAGES
 
 
 @task(name="prepare-workspace")
@@ -58,7 +60,7 @@ def register(workspace: str, run_id: str) -> dict[str, Any]:
 @flow(name="training", log_prints=True)
 def training(workspace: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the DVC stages (fetch → … → evaluate, see STAGES) and return the run id and metrics."""
-    from metarec.config import Config
+    from components.core.config import Config
 
     cfg = Config.model_validate(prepare(workspace, overrides or []))
     root = Path(workspace)

@@ -180,7 +180,7 @@ def _workspace(value: Path | None) -> Path:
 
 def _configured_uri(ws: Path) -> str:
     """The workspace's ``tracking.uri`` (empty: its own sqlite store)."""
-    from metarec.config import load_config
+    from components.core.config import load_config
 
     params = ws / "params.yaml"
     return load_config(params).tracking.uri if params.exists() else ""
@@ -188,7 +188,7 @@ def _configured_uri(ws: Path) -> str:
 
 def _orchestrate() -> None:
     """Give the flows a Prefect API (the configured one, or metarec's local server) before Prefect loads."""
-    from components.orchestration import OrchestrationError, ensure_api
+    from components.core.orchestration import OrchestrationError, ensure_api
 
     # The local Prefect server would try to send telemetry; this machine may have no route for it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -231,13 +231,13 @@ def _fail(message: str, details: bool = False) -> typer.Exit:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from components.evaluate import EvalData  # noqa: F401  (import check only)
-    from components.fetch import FetchError
-    from components.ingest import IngestError
-    from components.kg import GraphError
+    from components.core.config import ConfigError
+    from components.data.fetch import FetchError
+    from components.data.ingest import IngestError
+    from components.data.kg import GraphError
+    from components.data.split import SplitError
+    from components.evaluation.protocol import EvalData  # noqa: F401  (import check only)
     from components.pipeline import PipelineError
-    from components.split import SplitError
-    from metarec.config import ConfigError
 
     return (
         ConfigError,
@@ -364,8 +364,9 @@ def recommend(
 
     With --profile/--history it ranks for a user the model has never seen and prints JSON instead.
     """
-    from components.stages import Paths, recommend_cold
-    from components.stages import recommend as write_recommendations
+    from components.bundle.offline import recommend as write_recommendations
+    from components.bundle.offline import recommend_cold
+    from components.core.workspace import Paths
 
     cold = bool(profile or history)
     if not cold and all_users == bool(user):
@@ -404,7 +405,8 @@ def explain(
     """Explain why an item fits a user: path instances along the selected metapaths."""
     import json
 
-    from components.stages import Paths, explain_pair
+    from components.core.workspace import Paths
+    from components.metapaths.pair import explain_pair
 
     try:
         result = explain_pair(Paths(_workspace(workspace)), user, item, top)
@@ -431,7 +433,7 @@ def leaderboard(
     """List recent training runs of the workspace with their headline test metrics."""
     import mlflow
 
-    from components.tracking import metric_name, tracking_uri
+    from components.core.tracking import metric_name, tracking_uri
 
     ws = _workspace(workspace)
     configured = _configured_uri(ws)
@@ -467,7 +469,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to bind on 127.0.0.1.")] = 5000,
 ) -> None:
     """Start the MLflow UI on the workspace's store, bound to 127.0.0.1."""
-    from components.tracking import artifact_root, tracking_uri
+    from components.core.tracking import artifact_root, tracking_uri
 
     ws = _workspace(workspace)
     configured = _configured_uri(ws)
@@ -508,7 +510,7 @@ def server_start(
     ] = None,
 ) -> None:
     """Start the local Prefect server of this PREFECT_HOME (no-op when it already runs)."""
-    from components.orchestration import OrchestrationError, configured_api_url, start
+    from components.core.orchestration import OrchestrationError, configured_api_url, start
 
     if configured_api_url():
         err.print(f"note: PREFECT_API_URL is set ({configured_api_url()}); metarec's flows use that server")
@@ -526,7 +528,7 @@ def server_start(
 @server_app.command("status")
 def server_status() -> None:
     """Say whether the local Prefect server runs, where, and which API metarec's flows use."""
-    from components.orchestration import configured_api_url, healthy, prefect_home, read_state, running
+    from components.core.orchestration import configured_api_url, healthy, prefect_home, read_state, running
 
     configured = configured_api_url()
     if configured:
@@ -547,7 +549,7 @@ def server_status() -> None:
 @server_app.command("stop")
 def server_stop() -> None:
     """Stop the local Prefect server of this PREFECT_HOME (its database and flow runs are kept)."""
-    from components.orchestration import stop
+    from components.core.orchestration import stop
 
     info = stop()
     console.print(
@@ -569,8 +571,8 @@ def _open_registry(workspace: Path | None) -> Any:
 
 
 def _registry_errors() -> tuple[type[BaseException], ...]:
-    from metarec.config import ConfigError
-    from registry.bundle_io import BundleError
+    from components.bundle.format import BundleError
+    from components.core.config import ConfigError
     from registry.store import RegistryError
 
     return (RegistryError, BundleError, ConfigError)
@@ -663,12 +665,12 @@ def registry_rollback(
 
 def serve_settings(ws: Path, overrides: dict[str, Any]) -> Any:
     """The workspace's ``serve`` settings with CLI overrides, store paths resolved against ``ws``."""
-    from components import tracking
-    from metarec.config import load_config
+    from components.core import tracking
+    from components.core.config import load_config
 
     cfg = load_config(ws / "params.yaml") if (ws / "params.yaml").exists() else None
     base = cfg.serve if cfg is not None else None
-    from components.serving.settings import ServeSettings
+    from components.core.config import ServeSettings
 
     settings = (base or ServeSettings()).model_copy(
         update={k: v for k, v in overrides.items() if v is not None}
@@ -684,7 +686,7 @@ def serve_settings(ws: Path, overrides: dict[str, Any]) -> Any:
         update={
             "tracking_uri": uri,
             "feedback_url": feedback,
-            "source": settings.source or "registry.serving:registry_source",
+            "source": settings.source or "registry.source:registry_source",
         }
     )
 
@@ -751,8 +753,8 @@ def monitor(
 ) -> None:
     """One drift check now: feedback since the champion's data vs its training data; report and event."""
     _orchestrate()
+    from components.core.config import load_config
     from flows.monitor import monitor as monitor_flow
-    from metarec.config import load_config
 
     ws = _workspace(workspace)
     try:
@@ -830,8 +832,8 @@ def deploy(
 ) -> None:
     """Create the monitor (hourly) and retrain (nightly + on drift) deployments and serve them."""
     _orchestrate()
+    from components.core.config import load_config
     from flows.deploy import serve_deployments
-    from metarec.config import load_config
 
     ws = _workspace(workspace)
     if not (ws / "params.yaml").exists():

@@ -1,6 +1,6 @@
 """The promotion gate: a pure decision whether a challenger may replace the champion.
 
-Rules (thresholds in :class:`metarec.config.RegistryConfig`):
+Rules (thresholds in :class:`components.core.config.RegistryConfig`):
 
 * Always (absolute): the primary and cold metrics reach their floors; ONNX parity holds
   (``parity.int8_mean_cosine >= min_int8_cosine``, ``parity.ndcg_rel_diff <= max_ndcg_rel_diff``).
@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from metarec.config import RegistryConfig
+from components.core.config import RegistryConfig
 
 PASS = "pass"
 FAIL = "FAIL"

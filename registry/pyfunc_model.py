@@ -20,7 +20,7 @@ class MetarecBundleModel(PythonModel):
     """Top-k recommendations from a verified bundle; input rows are ``(user_id: str, k: int)``.
 
     ``components.bundle.load_bundle(path)`` (the export stage's loader) must return an engine with the
-    ``components.serving.engine.Engine`` protocol's ``recommend(user_id, k, explain=...)``.
+    ``components.serving.protocol.Engine`` protocol's ``recommend(user_id, k, explain=...)``.
     """
 
     def __init__(self) -> None:
@@ -31,17 +31,17 @@ class MetarecBundleModel(PythonModel):
         """Verify the bundle's files against ``bundle.json``, then load it.
 
         Raises:
-            registry.bundle_io.BundleError: A bundle file is missing or altered.
+            components.bundle.format.BundleError: A bundle file is missing or altered.
             RuntimeError: ``components.bundle`` (the bundle's loader) is not importable here.
         """
         # Imported here, not at module top: MLflow also executes this file when it logs the model, and
         # only serving needs the bundle's loader (and the serving stack it pulls in).
-        from registry.bundle_io import verify_bundle
+        from components.bundle.format import verify_bundle
 
         path = context.artifacts["bundle"]
         self.manifest = verify_bundle(path)
         try:
-            from components.bundle import load_bundle
+            from components.bundle.engine import load_bundle
         except ImportError as exc:
             raise RuntimeError(
                 f"cannot serve bundle {path}: components.bundle.load_bundle is not importable ({exc})"
@@ -53,7 +53,7 @@ class MetarecBundleModel(PythonModel):
     ) -> pd.DataFrame:
         """Recommend ``k`` items for each row's user; returns user_id, item_id, rank, score rows.
 
-        The loaded bundle is a ``components.serving.engine.Engine``: its ``recommend`` does the work.
+        The loaded bundle is a ``components.serving.protocol.Engine``: its ``recommend`` does the work.
         """
         rows = [
             (str(user), rec["item_id"], rec["rank"], rec["score"])

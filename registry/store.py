@@ -29,8 +29,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from metarec.config import Config, RegistryConfig, load_config
-from registry.bundle_io import FORMAT, MANIFEST, BundleError, file_sha256, verify_bundle
+from components.bundle.format import FORMAT, MANIFEST, BundleError, file_sha256, verify_bundle
+from components.core.config import Config, RegistryConfig, load_config
 from registry.gate import (
     REEVALUATED,
     REGISTERED,
@@ -169,7 +169,7 @@ class Registry:
     @cached_property
     def uri(self) -> str:
         """Tracking (and registry) URI: the configured one, else the workspace's sqlite store."""
-        from components.tracking import tracking_uri
+        from components.core.tracking import tracking_uri
 
         return tracking_uri(self.workspace, self.config.tracking.uri)
 
@@ -474,7 +474,7 @@ class Registry:
         """The run to log the model in: the given one (resumed unless active), else a new one."""
         import mlflow
 
-        from components.tracking import git_commit, setup
+        from components.core.tracking import git_commit, setup
 
         experiment_id = setup(self.workspace, self.config.tracking.experiment, self.config.tracking.uri)
         active = mlflow.active_run()
@@ -491,7 +491,7 @@ class Registry:
                 yield run
 
     def _version_tags(self, manifest: dict[str, Any], digest: str) -> dict[str, str]:
-        from components.tracking import metric_name
+        from components.core.tracking import metric_name
 
         tags = {
             "metarec.bundle_format": FORMAT,

@@ -62,7 +62,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.collectonly or os.environ.get("METAREC_TEST_PREFECT_API_URL"):
         os.environ["PREFECT_API_URL"] = os.environ.get("METAREC_TEST_PREFECT_API_URL", "")
         return
-    from components.orchestration import ensure_api
+    from components.core.orchestration import ensure_api
 
     _SESSION_HOME = Path(tempfile.mkdtemp(prefix="metarec-test-prefect-"))
     os.environ["PREFECT_HOME"] = str(_SESSION_HOME)
@@ -73,7 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _SESSION_HOME is not None:
-        from components.orchestration import stop
+        from components.core.orchestration import stop
 
         if "prefect.logging.handlers" in sys.modules:
             # Ship the last flow logs while the server still listens, not into a closed port at exit.

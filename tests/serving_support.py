@@ -25,8 +25,8 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI
 
-from components.serving.engine import Recommendation
-from components.serving.settings import ServeSettings
+from components.core.config import ServeSettings
+from components.serving.protocol import Recommendation
 
 TESTS_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = TESTS_DIR.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.ablation import VARIANTS, Variant, table, variant_config
-from metarec.config import Config
+from components.core.config import Config
 from tests.conftest import TrainedWorkspace
 
 
@@ -29,7 +29,7 @@ def test_ablation_flow_logs_a_run_per_variant(
 ) -> None:
     import mlflow
 
-    from components import tracking
+    from components.core import tracking
     from flows.ablation import ablations
 
     metarec_workspace.check()

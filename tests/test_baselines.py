@@ -20,8 +20,8 @@ from components.baselines import (
     build_model,
     load_model,
 )
-from components.metrics import compute_metrics
-from components.ranking import rank_all
+from components.evaluation.metrics import compute_metrics
+from components.evaluation.ranking import rank_all
 
 R = 1 / math.sqrt(2)  # cosine of two items sharing one user, with 2 and 1 users respectively
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from components import baselines, evaluate, fetch, ingest, split
-from metarec.config import SplitConfig
+from components import baselines
+from components.core.config import SplitConfig
+from components.data import fetch, ingest, split
+from components.evaluation import protocol as evaluate
 
 REFERENCE = {"pop": 0.079, "itemknn": 0.110}
 
@@ -72,11 +74,11 @@ def test_extract_rejects_tampered_member(tmp_path: Path) -> None:
 
 @pytest.mark.network
 def test_mined_metapaths_beat_pop_on_validation(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from components import kg
+    from components.core.config import Config
+    from components.data import kg
     from components.metapaths import mining
     from components.metapaths.counting import Counter
     from components.metapaths.schema import enumerate_metapaths
-    from metarec.config import Config
 
     raw = tmp_path_factory.mktemp("ml100k-mine") / "raw"
     fetch.fetch(raw, None, "ml-100k")

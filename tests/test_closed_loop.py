@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from components.data.synthetic import SyntheticSpec, generate
 from components.replay import ServerProcess
 from components.retrain import DataVersions
-from components.synthetic import SyntheticSpec, generate
 from tests.conftest import METAREC, subprocess_env
 
 API_KEY = "k" * 16
@@ -98,8 +98,14 @@ def test_feedback_drift_event_retrain_gate_promote_swap(tmp_path: Path) -> None:
         assert serve.serving() == "1"
         # Feedback over HTTP: a flood of top ratings on the items the champion knows least.
         events = [
-            {"event_id": f"e{n}", "type": "rating", "user_id": str(u), "item_id": str(i), "value": 5.0,
-             "ts": 2e9 + n}
+            {
+                "event_id": f"e{n}",
+                "type": "rating",
+                "user_id": str(u),
+                "item_id": str(i),
+                "value": 5.0,
+                "ts": 2e9 + n,
+            }
             for n, (u, i) in enumerate((u, i) for u in range(1, 81) for i in range(46, 61))
         ]
         for start in range(0, len(events), 1000):

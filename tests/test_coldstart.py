@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from components.coldstart import ColdSplit, cold_item_split, evaluate_cold, random_recall, remove_items
+from components.evaluation.coldstart import (
+    ColdSplit,
+    cold_item_split,
+    evaluate_cold,
+    random_recall,
+    remove_items,
+)
 
 # 4 users x 5 items.
 TRAIN = np.array(

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from metarec.config import Config, ConfigError, apply_overrides, build_config, load_config, parse_override
+from components.core.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_config,
+    load_config,
+    parse_override,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

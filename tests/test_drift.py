@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from components.drift import monitor, report, stats
-from components.drift.monitor import DriftConfig, Reference, Window
+from components.drift import checks as monitor
+from components.drift import report, stats
+from components.drift.checks import DriftConfig, Reference, Window
 
 # ---------------------------------------------------------------------------------------------------
 # Statistics against hand-computed values

@@ -17,8 +17,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from components import evaluate
-from components.export import (
+from components.bundle.export import (
     ENCODER_INPUTS,
     SCORER_INPUTS,
     SCORER_OUTPUTS,
@@ -41,10 +40,11 @@ from components.export import (
     session,
     write_skip,
 )
+from components.core.storage import read_json
+from components.evaluation import protocol as evaluate
 from components.model.features import CONSTANT, HISTORY, Channel, FeatureBank
 from components.model.net import FusionNet, NetConfig
 from components.model.recommender import MetarecRecommender
-from components.storage import read_json
 from components.text.encoder import Encoder, ModelRef
 
 N_USERS, N_ITEMS, TEXT_DIM, N_OCC = 12, 30, 8, 4
@@ -358,7 +358,7 @@ def test_export_stage_skips_baselines(tmp_path: Path) -> None:
 
 
 def test_export_stage_failure_keeps_previous_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from components import export
+    from components.bundle import export
     from components.stages import run_stage
 
     def failing(paths: object, cfg: object, dest: Path, work_dir: Path) -> dict[str, object]:

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.ingest import (
+from components.core.storage import read_json
+from components.data.ingest import (
     IngestError,
     ingest,
     load_dataset,
@@ -18,7 +19,6 @@ from components.ingest import (
     read_atomic,
     read_processed,
 )
-from components.storage import read_json
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny"

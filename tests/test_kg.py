@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from components.ingest import load_dataset
-from components.kg import (
+from components.core.storage import read_json
+from components.data.ingest import load_dataset
+from components.data.kg import (
     INTERACTED,
     GraphError,
     HeteroGraph,
@@ -20,7 +21,6 @@ from components.kg import (
     save_graph,
     with_interactions,
 )
-from components.storage import read_json
 
 TINY = Path(__file__).parent / "fixtures" / "tiny"
 ITEM_FIELDS = {"class": "genre"}

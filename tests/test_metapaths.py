@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from components import ingest, kg, split
+from components.data import ingest, kg, split
+from components.data.synthetic import SyntheticSpec, generate
 from components.metapaths import mining
 from components.metapaths.counting import Counter
 from components.metapaths.explain import Namer, explain, instances
 from components.metapaths.schema import Metapath, MetapathError, enumerate_metapaths, parse
-from components.synthetic import SyntheticSpec, generate
 
 TINY = Path(__file__).parent / "fixtures" / "tiny"
 ITEM_FIELDS = {"class": "genre"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from components.metrics import (
+from components.evaluation.metrics import (
     compute_metrics,
     hit_at_k,
     hits_matrix,

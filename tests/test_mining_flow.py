@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from components import ingest, kg, split
+from components.core.config import Config, MineConfig, SplitConfig
+from components.data import ingest, kg, split
 from components.metapaths import mining
 from components.metapaths.schema import enumerate_metapaths
 from flows.mining import make_task_runner, mine_metapaths
-from metarec.config import Config, MineConfig, SplitConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -11,17 +11,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from components.kg import INTERACTED, HeteroGraph, Relation, binary_matrix, with_interactions
+from components.data.kg import INTERACTED, HeteroGraph, Relation, binary_matrix, with_interactions
+from components.evaluation.metrics import compute_metrics
+from components.evaluation.ranking import rank_all
 from components.metapaths.counting import Counter
 from components.metapaths.mining import normalise_rows
 from components.metapaths.schema import Metapath, parse
-from components.metrics import compute_metrics
 from components.model.data import assemble, model_paths
 from components.model.features import FeatureBank, build_bank
+from components.model.loop import FusionInputs, TrainConfig, temporal_holdout, train, validation_metrics
 from components.model.net import FusionNet
 from components.model.recommender import MetarecRecommender
-from components.ranking import rank_all
-from components.train import FusionInputs, TrainConfig, temporal_holdout, train, validation_metrics
 
 GENRES = ["action", "comedy", "drama", "horror", "romance"]
 OCCUPATIONS = ["artist", "doctor", "engineer", "student", "writer"]

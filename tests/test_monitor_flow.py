@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from components import monitoring
-from components.kg import HeteroGraph, Relation, save_graph
+from components.core.config import Config, RetrainConfig, build_config
+from components.data.kg import HeteroGraph, Relation, save_graph
+from components.drift import reference as monitoring
 from components.retrain import DataVersions, append_version, ensure_base, new_interactions, read_inter
 from components.serving.feedback import FeedbackEvent, SQLiteFeedbackStore
-from metarec.config import Config, RetrainConfig, build_config
 
 N_ITEMS, N_NEW, N_USERS, N_GENRES, DIM = 300, 120, 200, 10, 8
 WINDOW = 1500
@@ -305,7 +305,7 @@ def test_new_interactions_dedupes_and_prefers_ratings() -> None:
 def test_data_versions_append_feedback_and_keep_the_old_version(
     tmp_path: Path, tiny_dir: Path, tiny_overrides: list[str]
 ) -> None:
-    from components.ingest import load_dataset
+    from components.data.ingest import load_dataset
     from components.pipeline import prepare_workspace
 
     ws = tmp_path / "ws"
@@ -367,7 +367,7 @@ def test_retrain_is_idempotent_per_window(tmp_path: Path, tiny_overrides: list[s
     versions.save()
     again = retrain(workspace=str(ws), window="w7")
     assert again == {**recorded, "reused": True}
-    from metarec.config import load_config
+    from components.core.config import load_config
 
     assert load_config(ws / "params.yaml").registry.enabled is True
     assert DataVersions(ws).registry_paused is False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from components import orchestration
+from components.core import orchestration
 from tests.conftest import METAREC, QUIET_ENV
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from components import pipeline, tracking
+from components import pipeline
+from components.core import tracking
 from components.pipeline import PipelineError
 from components.stages import STAGES
 from flows.training import training

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from components.ranking import rank_all, topk_items
+from components.evaluation.ranking import rank_all, topk_items
 
 
 def _reference_topk(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None) -> np.ndarray:

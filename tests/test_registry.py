@@ -21,9 +21,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from components.bundle.format import MANIFEST, BundleError, verify_bundle, write_manifest
+from components.core.config import Config, RegistryConfig
 from metarec.cli import app
-from metarec.config import Config, RegistryConfig
-from registry.bundle_io import MANIFEST, BundleError, verify_bundle, write_manifest
 from registry.gate import Candidate, Reevaluation, eval_fingerprint, evaluate_gate
 from registry.store import (
     AUDIT_PREFIX,

@@ -14,7 +14,7 @@ import pytest
 from serving_support import API_KEY, FileVersionSource, thread_server
 
 from components import replay as rp
-from components.ingest import load_dataset
+from components.data.ingest import load_dataset
 from components.serving.app import create_app
 from components.serving.auth import ApiKeyAuth
 from components.serving.feedback import SQLiteFeedbackStore
@@ -149,7 +149,7 @@ def test_replay_retrains_on_drift_and_the_server_swaps(tmp_path: Path) -> None:
     """The whole replay on a synthetic dataset: two arms, the monitor per window, retraining, the gate."""
     import mlflow
 
-    from components.synthetic import SyntheticSpec, generate
+    from components.data.synthetic import SyntheticSpec, generate
     from flows.replay import replay
 
     data = tmp_path / "data"

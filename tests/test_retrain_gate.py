@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from components.bundle.format import MANIFEST, write_manifest
+from components.core.config import Config, load_config
 from components.retrain import BundleScorer, SplitReevaluator, register_and_gate_new_data
-from metarec.config import Config, load_config
-from registry.bundle_io import MANIFEST, write_manifest
 from registry.store import CHAMPION, open_registry, register_and_gate
 from tests.conftest import TrainedWorkspace
 
@@ -88,7 +88,7 @@ def retrain(
 ) -> Iterator[Retrain]:
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    from components.tracking import data_version
+    from components.core.tracking import data_version
 
     metarec_workspace.check()
     trained = metarec_workspace.path
@@ -137,8 +137,9 @@ def test_measurement_is_the_evaluate_stages_protocol(retrain: Retrain) -> None:
 
 def test_champion_is_scored_with_the_histories_it_would_serve(retrain: Retrain) -> None:
     """The champion ranks from the new split's histories, exactly as serving ranks with that history."""
-    from components.bundle import load_bundle
-    from components.stages import Paths, load_parts
+    from components.bundle.engine import load_bundle
+    from components.core.workspace import Paths
+    from components.model.facade import load_parts
 
     engine = load_bundle(retrain.bundles["good"])
     loaded = load_parts(Paths(retrain.ws))
@@ -206,7 +207,7 @@ def test_a_challenger_trained_on_worse_data_is_refused_after_a_retrain(retrain: 
 
 def _run(ws: Path, cfg: Config) -> str:
     """A training run in the workspace's store, for registration to log the bundle in."""
-    from components.tracking import setup
+    from components.core.tracking import setup
 
     experiment = setup(ws, cfg.tracking.experiment, cfg.tracking.uri)
     return str(open_registry(ws, cfg).client.create_run(experiment).info.run_id)

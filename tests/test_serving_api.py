@@ -10,11 +10,11 @@ import httpx
 import pytest
 from serving_support import API_KEY, FileVersionSource, TableEngine, events, thread_server
 
+from components.core.config import ServeSettings
 from components.serving.app import create_app
 from components.serving.auth import ApiKeyAuth
 from components.serving.feedback import SQLiteFeedbackStore
 from components.serving.holder import ModelHolder
-from components.serving.settings import ServeSettings
 
 WRITE = {"X-API-Key": API_KEY}
 

@@ -11,11 +11,11 @@ import httpx
 import pytest
 from serving_support import API_KEY, FileVersionSource, events, thread_server
 
+from components.core.config import ServeSettings
 from components.serving.app import create_app
 from components.serving.auth import ApiKeyAuth, ApiKeyConfigError, fingerprint, load_api_key
 from components.serving.feedback import SQLiteFeedbackStore
 from components.serving.holder import ModelHolder
-from components.serving.settings import ServeSettings
 
 WRONG_KEY = "not-the-key-42"
 

@@ -12,9 +12,9 @@ from serving_support import API_KEY, FileVersionSource, thread_server
 
 from components.serving.app import create_app
 from components.serving.auth import ApiKeyAuth
-from components.serving.engine import Engine
 from components.serving.feedback import SQLiteFeedbackStore
 from components.serving.holder import ModelHolder
+from components.serving.protocol import Engine
 
 
 @pytest.fixture

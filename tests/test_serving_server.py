@@ -11,9 +11,9 @@ import pytest
 from pydantic import ValidationError
 from serving_support import API_KEY, VERSION_FILE_ENV, FileVersionSource, thread_server
 
+from components.core.config import SETTINGS_ENV, ServeSettings
 from components.serving.auth import ApiKeyConfigError
 from components.serving.server import TcpNoDelayConfig, app_factory, build_app, load_source
-from components.serving.settings import SETTINGS_ENV, ServeSettings
 
 
 def test_settings_defaults_and_env_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:

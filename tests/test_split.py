@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.ingest import load_dataset
-from components.split import (
+from components.core.config import SplitConfig
+from components.data.ingest import load_dataset
+from components.data.split import (
     PARTS,
     SplitError,
     assign_parts,
@@ -20,7 +21,6 @@ from components.split import (
     split_stats,
     to_matrix,
 )
-from metarec.config import SplitConfig
 
 TINY = Path(__file__).parent / "fixtures" / "tiny"
 

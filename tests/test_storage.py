@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.storage import atomic_dir, atomic_file, read_json, write_json
+from components.core.storage import atomic_dir, atomic_file, read_json, write_json
 
 
 def test_atomic_dir_replaces_on_success(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
-from components import ingest, kg
-from components.kg import HeteroGraph, Relation
+from components.data import ingest, kg
+from components.data.kg import HeteroGraph, Relation
 from components.text import verbalise
 from components.text.encoder import (
     EmbeddingCache,
@@ -300,7 +300,7 @@ def test_checksum_mismatch_is_reported(model_dir: Path, tmp_path: Path) -> None:
 
 
 def _sha(path: Path) -> str:
-    from components.storage import sha256_file
+    from components.core.storage import sha256_file
 
     return sha256_file(path)
 

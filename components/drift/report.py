@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from components.drift.monitor import CheckResult, DriftResult
+from components.drift.checks import CheckResult, DriftResult
 
 HTML_FILE = "drift_report.html"
 JSON_FILE = "drift.json"

@@ -2,7 +2,7 @@
 
 Categorical statistics take two *aligned* count vectors (entry ``k`` of both counts the same
 category) and are symmetric in what they mean by "category": popularity buckets, activity buckets
-or genres. Nothing here knows about events, users or items; :mod:`components.drift.monitor` turns
+or genres. Nothing here knows about events, users or items; :mod:`components.drift.checks` turns
 feedback into these vectors.
 """
 

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from components.kg import HeteroGraph
+from components.data.kg import HeteroGraph
 from components.metapaths.schema import Metapath
 
 Weighting = Literal["count", "dwpc", "pathsim"]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.kg import INTERACTED, REVERSE, HeteroGraph
+from components.data.kg import INTERACTED, REVERSE, HeteroGraph
 from components.metapaths.counting import Counter, damped_matrix
 from components.metapaths.schema import Metapath
 

@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from components.evaluation.metrics import _ndcg, _recall, hits_matrix
+from components.evaluation.ranking import topk_items
 from components.metapaths.counting import Counter, Weighting
 from components.metapaths.schema import Metapath
-from components.metrics import _ndcg, _recall, hits_matrix
-from components.ranking import topk_items
 
 NDCG_K = 10
 RECALL_K = 50
@@ -305,8 +305,8 @@ def load_context(spec: ContextSpec) -> Context:
 
 def _load_context_locked(spec: ContextSpec) -> Context:
     if spec not in _CONTEXTS:
-        from components.kg import load_graph, with_interactions
-        from components.split import load_split, to_matrix
+        from components.data.kg import load_graph, with_interactions
+        from components.data.split import load_split, to_matrix
 
         graph = load_graph(Path(spec.graph_dir))
         parts = load_split(Path(spec.split_dir))

@@ -8,8 +8,8 @@ from typing import Any
 import networkx as nx
 import pandas as pd
 
+from components.core.storage import atomic_dir, read_json, write_json
 from components.metapaths.schema import Metapath, parse
-from components.storage import atomic_dir, read_json, write_json
 
 METAPATHS_FILE = "metapaths.json"
 FEATURES_FILE = "candidates.parquet"

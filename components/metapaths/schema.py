@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from components.kg import REVERSE
+from components.data.kg import REVERSE
 
 
 class MetapathError(ValueError):

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components.kg import INTERACTED, HeteroGraph
+from components.data.kg import INTERACTED, HeteroGraph
 from components.metapaths.schema import Metapath, parse
 from components.model.features import build_bank
-from components.train import FusionInputs, temporal_holdout
+from components.model.loop import FusionInputs, temporal_holdout
 
 
 def model_paths(report: dict[str, Any], schema: nx.MultiDiGraph, content_paths: int) -> list[Metapath]:

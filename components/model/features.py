@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from components.kg import INTERACTED, HeteroGraph
+from components.baselines import ease_matrix
+from components.core.storage import read_json, write_json
+from components.data.kg import INTERACTED, HeteroGraph
 from components.metapaths.counting import Counter
 from components.metapaths.schema import Metapath
-from components.storage import read_json, write_json
 
 HISTORY = "history"
 CONSTANT = "constant"
@@ -111,7 +112,7 @@ class FeatureBank:
 
     def profile_attributes(self, profile: dict[str, str]) -> dict[str, sp.csr_matrix]:
         """One-hot attribute rows for one cold user's profile (unknown values give an empty row)."""
-        from components.kg import age_bucket
+        from components.data.kg import age_bucket
 
         out = {}
         for key, values in self.attribute_values.items():
@@ -212,19 +213,6 @@ def suffix_matrix(counter: Counter, path: Metapath) -> np.ndarray:
     return np.asarray(dense, dtype=np.float32)
 
 
-def ease_matrix(train: sp.csr_matrix, l2: float) -> np.ndarray:
-    """EASE item–item weights (Steck 2019) fitted on ``train``: B = -P/diag(P), zero diagonal."""
-    # Solve in float64: G's condition number grows as l2 shrinks, and float32 loses the small
-    # off-diagonal weights that carry the ranking.
-    x = sp.csr_matrix(train, dtype=np.float64)
-    gram = np.asarray((x.T @ x).toarray())
-    gram[np.diag_indices_from(gram)] += l2
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)[None, :]
-    b[np.diag_indices_from(b)] = 0.0
-    return b.astype(np.float32)
-
-
 def popularity_row(train: sp.csr_matrix) -> np.ndarray:
     """``log1p(count) / log1p(max count)`` per item, a (1, n_items) row."""
     counts = np.asarray(train.sum(axis=0), dtype=np.float64).ravel()
@@ -252,7 +240,7 @@ def build_bank(
         ease_l2: L2 of the EASE channel, or None for no EASE channel.
         age_buckets: The graph's age bucket edges (``kg.age_buckets``), for cold users' raw ages.
     """
-    from components.kg import with_interactions
+    from components.data.kg import with_interactions
 
     counter = Counter(with_interactions(graph, train), weighting, damping)  # type: ignore[arg-type]
     n_items = train.shape[1]

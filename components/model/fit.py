@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components import kg, split
-from components.kg import HeteroGraph
+from components.data import kg, split
+from components.data.kg import HeteroGraph
 from components.model.data import assemble, model_paths
+from components.model.loop import EpochLog, TrainConfig, train
 from components.model.recommender import MetarecRecommender
 from components.text.features import load_embeddings
-from components.train import EpochLog, TrainConfig, train
 
 
 @dataclass

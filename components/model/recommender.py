@@ -17,9 +17,9 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.core.storage import write_json
 from components.model.features import FeatureBank
 from components.model.net import FusionNet, NetConfig
-from components.storage import write_json
 
 NAME = "metarec"
 WEIGHTS = "weights.safetensors"
@@ -46,8 +46,10 @@ class MetarecRecommender:
         self.config = dict(config or {})
 
     def fit(self, train: sp.csr_matrix) -> Self:
-        """Not supported: the fusion model is fitted by :func:`components.train.train`."""
-        raise NotImplementedError("train the fusion model with components.train.train (metarec stage train)")
+        """Not supported: the fusion model is fitted by :func:`components.model.loop.train`."""
+        raise NotImplementedError(
+            "train the fusion model with components.model.loop.train (metarec stage train)"
+        )
 
     def score(self, users: np.ndarray, history: sp.csr_matrix | None = None) -> np.ndarray:
         """Scores ``(len(users), n_items)`` of known users; ``history`` defaults to training."""

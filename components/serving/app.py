@@ -21,11 +21,11 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.routing import Match
 
+from components.core.config import ServeSettings
 from components.serving.auth import ApiKeyAuth
-from components.serving.engine import Engine
 from components.serving.feedback import FeedbackEvent, FeedbackStore, StoreUnavailableError
 from components.serving.holder import ModelHolder
-from components.serving.settings import ServeSettings
+from components.serving.protocol import Engine
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from components.serving.engine import Engine, EngineSource
+from components.serving.protocol import Engine, EngineSource
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
+from components.core.config import SETTINGS_ENV, ServeSettings
 from components.serving.app import create_app
 from components.serving.auth import ApiKeyAuth
-from components.serving.engine import EngineSource
 from components.serving.feedback import open_store
 from components.serving.holder import ModelHolder
-from components.serving.settings import SETTINGS_ENV, ServeSettings
+from components.serving.protocol import EngineSource
 
 log = logging.getLogger(__name__)
 

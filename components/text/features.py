@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.kg import HeteroGraph
-from components.storage import atomic_dir, read_json, write_json
+from components.core.storage import atomic_dir, read_json, write_json
+from components.data.kg import HeteroGraph
 from components.text.encoder import EmbeddingCache, Encoder, encode_cached
 from components.text.verbalise import DEFAULT_ITEM_TEMPLATE, DEFAULT_USER_TEMPLATE, item_texts, user_texts
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.storage import atomic_dir, read_json, write_json
+from components.core.storage import atomic_dir, read_json, write_json
 from components.text.encoder import (
     FINETUNE_JSON,
     EmbeddingCache,

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components.kg import INTERACTED, HeteroGraph
+from components.data.kg import INTERACTED, HeteroGraph
 
 DEFAULT_ITEM_TEMPLATE = "{title}. Genres: {genres}. {facts}"
 DEFAULT_USER_TEMPLATE = "User aged {age}, {gender}, {occupation}. Recently watched: {recent}."

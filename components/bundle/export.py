@@ -12,7 +12,7 @@ The bundle (``models/bundle``) holds everything serving needs and nothing it mus
 * The model directory's ``model.json``, ``features.{json,npz}`` and ``profiles.npz``; the id tables
   ``items.parquet`` (item, item_id, title) and ``users.parquet``; ``metapaths.json`` and ``graph/`` (for
   explanations); ``item_embeddings.npz`` (the scorer's item text table, the drift reference).
-* ``bundle.json``, written last by :func:`registry.bundle_io.write_manifest`.
+* ``bundle.json``, written last by :func:`components.bundle.format.write_manifest`.
 
 Parity is checked before anything is kept, and a violation raises :class:`ParityError`, failing the
 stage with the previous bundle untouched: fp32 ONNX against torch (max-abs difference of scores, gates
@@ -37,17 +37,17 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from components import evaluate
-from components.storage import read_json, write_json
+from components.core.storage import read_json, write_json
+from components.evaluation import protocol as evaluate
 
 if TYPE_CHECKING:  # onnxruntime and the stage helpers are imported where they are used
     import onnxruntime as ort
 
     from components.baselines import Recommender
+    from components.core.config import Config
+    from components.core.workspace import Paths
     from components.model.features import FeatureBank
     from components.model.net import FusionNet
-    from components.stages import Paths
-    from metarec.config import Config
 
 OPSET = 17
 ENCODER_ONNX = "encoder.onnx"
@@ -375,7 +375,7 @@ def evaluate_onnx(
     activity_buckets: list[int],
     block_size: int = 1024,
 ) -> dict[str, Any]:
-    """:func:`components.evaluate.evaluate` with the ONNX scorer (which only implements ``score``)."""
+    """:func:`components.evaluation.protocol.evaluate` with the ONNX scorer (it implements only ``score``)."""
     return evaluate.evaluate(cast("Recommender", scorer), data, part, ks, activity_buckets, block_size)
 
 
@@ -456,7 +456,7 @@ def load_encoder_parts(paths: Paths, cfg: Config) -> EncoderParts:
     The texts are verbalised exactly as the encode stage did; their torch embeddings come from the
     embedding cache that stage filled (computed afresh on a miss).
     """
-    from components import ingest, kg
+    from components.data import ingest, kg
     from components.text import features
     from components.text.encoder import EmbeddingCache, Encoder, resolve_model
 
@@ -507,7 +507,7 @@ def _copy_tables(paths: Paths, dest: Path, item_text: np.ndarray) -> None:
     shutil.copytree(paths.graph, dest / "graph")
     # Items never to recommend again: everything before the test period (train + valid), the same
     # exclusion as `metarec recommend`, so the server's lists equal the offline ones.
-    from components.stages import load_parts
+    from components.model.facade import load_parts
 
     seen = load_parts(paths).data.exclusions("test").tocoo()
     np.savez(
@@ -617,10 +617,10 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
         ParityError: A parity check failed; nothing in ``dest`` is to be kept.
         FileNotFoundError: The model or ``metrics.json`` is missing.
     """
-    from components import tracking
+    from components.bundle.format import write_manifest
+    from components.core import tracking
+    from components.model.facade import load_parts
     from components.model.recommender import MetarecRecommender
-    from components.stages import load_parts
-    from registry.bundle_io import write_manifest
 
     ex = cfg.export
     if not paths.metrics.is_file():

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 PARENT_ENV = "METAREC_PARENT_RUN_ID"
-CODE_ROOT = Path(__file__).resolve().parents[1]
+CODE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def tracking_uri(workspace: Path, configured: str = "") -> str:

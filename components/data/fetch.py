@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.storage import atomic_dir, sha256_file
+from components.core.storage import atomic_dir, sha256_file
 
 RECBOLE_VERSION = "1.2.1"
 RECBOLE_WHEEL = f"recbole-{RECBOLE_VERSION}-py3-none-any.whl"

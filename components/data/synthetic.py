@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.storage import atomic_dir
+from components.core.storage import atomic_dir
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ The monitor compares what users did since the champion was trained with what it 
   sequence number recorded as that version's high-water mark (``components.retrain``), optionally
   cut further by event time. Ids stay the dataset's original string ids on both sides.
 
-:func:`check_window` runs ``components.drift.monitor.check``; :func:`drift_payload` is the
+:func:`check_window` runs ``components.drift.checks.check``; :func:`drift_payload` is the
 ``metarec.drift.detected`` event's payload.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.drift import monitor as drift
+from components.core.config import Config
+from components.drift import checks as drift
 from components.drift import report
-from metarec.config import Config
 
 DRIFT_EVENT = "metarec.drift.detected"
 MONITOR_EXPERIMENT_SUFFIX = "-monitor"
@@ -157,7 +157,7 @@ def reference_from_bundle(bundle: Path, cfg: Config, version: str | None) -> Ref
     """The champion's reference from its serving bundle (training pairs, genres, item texts, metrics)."""
     import json
 
-    from components.kg import load_graph
+    from components.data.kg import load_graph
 
     bundle = Path(bundle)
     manifest = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
@@ -203,7 +203,7 @@ def champion_bundle(workspace: Path, cfg: Config) -> tuple[str, Path]:
     import shutil
     import tempfile
 
-    from registry.bundle_io import verify_bundle
+    from components.bundle.format import verify_bundle
     from registry.store import CHAMPION, open_registry
 
     registry = open_registry(workspace, cfg, must_exist=True)

@@ -23,10 +23,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from components.metrics import compute_metrics
+from components.evaluation.metrics import compute_metrics
+from components.evaluation.ranking import rank_all
 from components.model.features import FeatureBank
 from components.model.net import FusionNet, NetConfig
-from components.ranking import rank_all
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def temporal_holdout(
 
     Users with a single interaction keep it in the earlier part (nothing to learn from them).
     """
-    from components.kg import binary_matrix
+    from components.data.kg import binary_matrix
 
     if not 0 < share < 1:
         raise ValueError(f"holdout must be in (0, 1), got {share}")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components.storage import atomic_dir, read_json, write_json
+from components.core.storage import atomic_dir, read_json, write_json
 
 INTERACTED = "interacted"
 REVERSE = "~"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.storage import atomic_dir, write_json
+from components.core.storage import atomic_dir, write_json
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components.kg import binary_matrix
-from components.storage import atomic_dir, write_json
-from metarec.config import SplitConfig
+from components.core.config import SplitConfig
+from components.core.storage import atomic_dir, write_json
+from components.data.kg import binary_matrix
 
 PARTS = ("train", "valid", "test")
 # Guards floor(n * ratio) against products like 0.7 * 10 = 6.999999999999999.

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.serving.settings import ServeSettings
+from components.core.config import ServeSettings
 
 
 class RegistrySource:
@@ -43,9 +43,9 @@ class RegistrySource:
 
     def load(self, version: str) -> Any:
         """Download (once), verify and load one version's bundle."""
-        from components.bundle import load_bundle
-        from metarec.config import Config
-        from registry.bundle_io import BundleError, file_sha256, verify_bundle
+        from components.bundle.engine import load_bundle
+        from components.bundle.format import BundleError, file_sha256, verify_bundle
+        from components.core.config import Config
         from registry.store import Registry
 
         target = self.cache / str(version)
@@ -76,5 +76,5 @@ class RegistrySource:
 
 
 def registry_source(settings: ServeSettings) -> RegistrySource:
-    """The ``serve.source`` entry point: ``registry.serving:registry_source``."""
+    """The ``serve.source`` entry point: ``registry.source:registry_source``."""
     return RegistrySource(settings)

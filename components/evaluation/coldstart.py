@@ -6,7 +6,7 @@ interactions stay. :func:`evaluate_cold` then asks each user with a cold test it
 cold items, which measures whether side information (metadata, text, the knowledge graph) lets a
 model order items it has no interaction signal for. Models that rely on interactions alone score
 every cold item the same and fall to the deterministic lower-index tie-break of
-:func:`components.ranking.topk_items`, so :func:`evaluate_cold` also reports the recall a uniformly
+:func:`components.evaluation.ranking.topk_items`, so :func:`evaluate_cold` also reports the recall a uniformly
 random ranking would get as the chance level to compare against.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from components.metrics import compute_metrics
-from components.ranking import PAD
+from components.evaluation.metrics import compute_metrics
+from components.evaluation.ranking import PAD
 
 ScoresFn = Callable[[np.ndarray], np.ndarray]
 

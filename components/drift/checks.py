@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from components.core.config import FEEDBACK_EVENT_TYPES, DriftConfig
 from components.drift import stats
-from metarec.config import FEEDBACK_EVENT_TYPES, DriftConfig
 
 EVENT_COLUMNS: tuple[str, ...] = ("event_id", "type", "user_id", "item_id", "value", "model_version", "ts")
 EVENT_TYPES: tuple[str, ...] = FEEDBACK_EVENT_TYPES

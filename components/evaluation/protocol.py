@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from components.metrics import compute_metrics
-from components.ranking import PAD, rank_all
+from components.evaluation.metrics import compute_metrics
+from components.evaluation.ranking import PAD, rank_all
 
 if TYPE_CHECKING:  # torch-heavy; only the type is needed here
     from components.baselines import Recommender

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components.kg import INTERACTED, HeteroGraph, load_graph
+from components.data.kg import INTERACTED, HeteroGraph, load_graph
 from components.metapaths.counting import damped_matrix
 from components.metapaths.explain import INSTANCE_DAMPING, Namer, render
 from components.metapaths.schema import Metapath, parse
@@ -132,7 +132,7 @@ class BundleEngine:
         self._lock = threading.Lock()
         graph = load_graph(directory / "graph")
         relations = dict(graph.relations)
-        from components.kg import Relation
+        from components.data.kg import Relation
 
         relations[INTERACTED] = Relation(INTERACTED, "user", "item", self.history, ["train split"])
         self.graph = HeteroGraph(graph.node_ids, relations)
@@ -304,7 +304,7 @@ class BundleEngine:
 
 def load_bundle(directory: str | Path, version: str = "", threads: int = 1) -> BundleEngine:
     """Verify a bundle against its manifest and load it for serving."""
-    from registry.bundle_io import verify_bundle
+    from components.bundle.format import verify_bundle
 
     verify_bundle(Path(directory))
     return BundleEngine(Path(directory), version, threads)

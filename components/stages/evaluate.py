@@ -1,0 +1,92 @@
+"""Stage ``evaluate``: warm and cold metrics, ``metrics.json`` and ``evaluation.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from components.core import tracking
+from components.core.config import Config
+from components.core.storage import write_json
+from components.core.workspace import Paths
+from components.evaluation import protocol as evaluate
+from components.model.facade import (
+    cold_protocol,
+    load_parts,
+    load_trained,
+)
+from components.stages.common import log_figure, log_json, tracked_run
+
+
+def run(paths: Paths, cfg: Config) -> dict[str, Any]:
+    """Evaluate the trained model on valid and test; write metrics.json and log everything."""
+    with tracked_run(paths, cfg, "evaluate"):
+        import mlflow
+
+        loaded = load_parts(paths)
+        model = load_trained(paths.model)
+        results = {
+            part: evaluate.evaluate(
+                model, loaded.data, part, cfg.eval.ks, cfg.eval.activity_buckets, cfg.eval.block_size
+            )
+            for part in ("valid", "test")
+        }
+        summary: dict[str, Any] = {
+            "model": cfg.model.name,
+            "valid": results["valid"]["overall"],
+            "test": results["test"]["overall"],
+        }
+        if cfg.eval.cold_fraction > 0:
+            try:
+                cold = cold_protocol(paths, cfg, loaded)
+            except ValueError as err:  # e.g. no test user on a cold item in a tiny dataset
+                mlflow.set_tag("metarec.cold.skipped", str(err))
+            else:
+                results["cold"] = cold
+                summary["cold"] = cold["cold"]["overall"]
+                summary["mixed"] = cold["mixed"]
+                mlflow.log_metrics(
+                    {f"cold.{tracking.metric_name(k)}": float(v) for k, v in cold["cold"]["overall"].items()}
+                    | {f"mixed.{tracking.metric_name(k)}": float(v) for k, v in cold["mixed"].items()}
+                )
+        for part, result in ((p, results[p]) for p in ("valid", "test")):
+            mlflow.log_metrics(
+                {
+                    tracking.metric_name(k): v
+                    for k, v in evaluate.flat_metrics(result, part).items()
+                    if np.isfinite(v)
+                }
+            )
+        log_json("evaluation.json", results)
+        log_figure(slice_figure(results["test"], cfg.eval.primary, cfg.model.name), "test_slices.png")
+        # Files last: a failure above leaves the previous metrics and evaluation side by side.
+        write_json(paths.evaluation, results)
+        write_json(paths.metrics, summary)
+        return summary
+
+
+def slice_figure(result: dict[str, Any], metric: str, model: str) -> Any:
+    """Bar chart of one metric overall and per slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["overall", *result["slices"]]
+    values = [result["overall"][metric], *(result["slices"][s].get(metric, np.nan) for s in result["slices"])]
+    users = [result["overall"]["n_users"], *(result["slices"][s]["n_users"] for s in result["slices"])]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bars = ax.bar(names, values, color=["#264653"] + ["#2a9d8f"] * (len(names) - 1))
+    for bar, n in zip(bars, users, strict=True):
+        ax.annotate(
+            f"n={int(n)}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set(title=f"{model}: test {metric} by slice", ylabel=metric)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    return fig
