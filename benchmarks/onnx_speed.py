@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from components.bundle import export
+from components.bundle.runtime import OnnxEncoder, OnnxScorer
 from components.core.config import load_config
 from components.core.workspace import Paths
+from components.evaluation import protocol as evaluate
 from components.model.facade import load_parts
 from components.model.recommender import WEIGHTS, MetarecRecommender
 
@@ -97,8 +99,8 @@ def main() -> None:
         encoder.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         tok = tmp / "tokenizer" / "tokenizer.json"
         length, batch = cfg.text.max_length, encoder.batch_size
-        fp32 = export.OnnxEncoder(fp32_path, tok, length, pad_id, batch, args.threads)
-        int8 = export.OnnxEncoder(int8_path, tok, length, pad_id, batch, args.threads)
+        fp32 = OnnxEncoder(fp32_path, tok, length, pad_id, batch, args.threads)
+        int8 = OnnxEncoder(int8_path, tok, length, pad_id, batch, args.threads)
         encoders = {"torch_fp32": encoder, "onnx_fp32": fp32, "onnx_int8": int8}
         for enc in encoders.values():
             enc.encode(texts[:batch])  # warm-up: first-run allocations and graph optimisation
@@ -135,12 +137,13 @@ def main() -> None:
             want = wrapper(*(torch.from_numpy(np.asarray(a, np.float32)) for a in feeds))[0].numpy()
         ndcg_name = export.parity_metric(cfg.eval.ks)
         for name, path in (("onnx_fp32", scorer_fp32), ("onnx_int8", scorer_int8)):
-            lat = export.scorer_latency(export.session(path, 1), *feeds, runs=args.runs, rounds=3)
+            one_thread = OnnxScorer(path, model.bank, model.profile, 1)
+            lat = export.scorer_latency(one_thread, *feeds, runs=args.runs, rounds=3)
             out[f"scorer_{name}_p50_ms"], out[f"scorer_{name}_p99_ms"] = lat["p50_ms"], lat["p99_ms"]
-            got, _ = export.run_scorer(export.session(path, 1), *feeds)
+            got, _ = one_thread(*feeds)
             out[f"scorer_{name}_max_abs"] = float(np.max(np.abs(got - want)))
-            scorer = export.OnnxScorer(export.session(path, args.threads), model.bank, model.profile)
-            result = export.evaluate_onnx(scorer, loaded.data, "test", cfg.eval.ks, cfg.eval.activity_buckets)
+            scorer = OnnxScorer(path, model.bank, model.profile, args.threads)
+            result = evaluate.evaluate(scorer, loaded.data, "test", cfg.eval.ks, cfg.eval.activity_buckets)  # type: ignore[arg-type]
             out[f"scorer_{name}_test_{ndcg_name}"] = float(result["overall"][ndcg_name])
         out["scorer_torch_fp32_mb"] = export.file_mb(paths.model / WEIGHTS)
         out["scorer_onnx_fp32_mb"] = export.file_mb(scorer_fp32)

@@ -1,7 +1,7 @@
 """Start-up cost of the data stages: `metarec stage NAME` as the training flow runs it.
 
 Each stage runs in a fresh process (as DVC starts it), under a parent run id as the flow sets it, so its
-MLflow record is deferred to the flow (components/tracking.py). Reported per stage: the process's wall
+MLflow record is deferred to the flow (components/core/tracking.py). Reported per stage: the process's wall
 time, the stage's own work (from its record), and start-up = wall - work (interpreter, imports, config).
 `--standalone` also times the stage run by hand, which logs its MLflow run itself.
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 
 from components.core import tracking
-from components.core.config import Config, apply_overrides, build_config, load_config, read_params
+from components.core.config import Config, apply_overrides, build_config, read_params
 from components.core.storage import atomic_file
-from components.core.workspace import Paths
+from components.core.workspace import Paths, workspace_config
 from components.data import fetch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def repro_stage(
     log = (proc.stdout + proc.stderr).strip()
     if parent_run_id and (tracking.stage_record_dir(workspace, stage) / "record.json").exists():
         # The data stages leave their MLflow record, finished or failed, for us to log.
-        cfg = load_config(Path(workspace) / "params.yaml")
+        cfg = workspace_config(workspace)
         tracking.flush_stage_run(
             workspace, stage, parent_run_id, cfg.flat(), cfg.tracking.experiment, cfg.tracking.uri
         )

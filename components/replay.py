@@ -14,13 +14,18 @@ rest) are cut into ``windows`` consecutive windows of equal size. Each window is
    real timestamps) and a ``click`` for each rated item that was in the served list.
 
 The client's hit rate (lists whose user rated at least one of the ten items in the window) is the
-online quality of the model that served the window.
+online quality of the model that served the window. The run's own steps (v0, window records, the
+report and its MLflow runs) are here too; ``flows/replay.py`` wires them with the training and monitor
+flows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +39,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from components import pipeline
+from components.core.config import Config
+from components.data import fetch
+from components.drift.reference import feedback_url
+from components.retrain import FEEDBACK_DATA, DataVersions, format_number, read_inter, register_base
 
 API_KEY_ENV = "METAREC_API_KEY"
 MAX_BATCH = 1000
@@ -73,8 +84,6 @@ class ReplayPlan:
 
 def read_interactions(path: Path) -> tuple[list[str], pd.DataFrame]:
     """An ``.inter`` file as its header and a frame with plain column names (ids as text)."""
-    from components.retrain import read_inter
-
     header, frame = read_inter(path)
     frame.columns = [h.partition(":")[0] for h in header]
     missing = {"user_id", "item_id", "timestamp"} - set(frame.columns)
@@ -115,14 +124,15 @@ def temporal_cut(
 
 def write_inter(path: Path, header: list[str], frame: pd.DataFrame) -> None:
     """Write rows with the original header's columns and types."""
-    from components.retrain import _fmt
-
     names = [h.partition(":")[0] for h in header]
     kinds = {h.partition(":")[0]: h.partition(":")[2] for h in header}
     lines = ["\t".join(header)]
     columns = [frame[n].tolist() for n in names]
     for row in zip(*columns, strict=True):
-        cells = [_fmt(float(v)) if kinds[n] == "float" else str(v) for n, v in zip(names, row, strict=True)]
+        cells = [
+            format_number(float(v)) if kinds[n] == "float" else str(v)
+            for n, v in zip(names, row, strict=True)
+        ]
         lines.append("\t".join(cells))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -451,3 +461,180 @@ def plot_replay(arms: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# ---- the run: preparation, window records, report (``flows/replay.py`` wires them) ---------------
+
+ARMS = ("static", "retrain")
+STATIC_STORE = "feedback/replay-static.db"
+
+
+def prepare(
+    ws: Path, windows: int, train_fraction: float, replay_fraction: float, overrides: list[str]
+) -> tuple[ReplayPlan, Config]:
+    """Fetch the dataset, cut it, write and ``dvc add`` v0, and return the plan and config."""
+    cfg = pipeline.prepare_workspace(ws, overrides)
+    name = cfg.data.name
+    source = ws / "data" / "replay" / "source"
+    if not fetch.dataset_files(source, name):
+        fetch.fetch(source, cfg.data.path, name)
+    header, frame = read_interactions(source / f"{name}.inter")
+    plan = temporal_cut(header, frame, train_fraction, windows, replay_fraction)
+    rel = FEEDBACK_DATA / "v0"
+    dest = ws / rel
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in fetch.dataset_files(source, name):
+        if path.name != f"{name}.inter":
+            shutil.copyfile(path, dest / path.name)
+    write_inter(dest / f"{name}.inter", header, plan.base)
+    url = feedback_url(ws, cfg)
+    with DataVersions(ws).locked() as versions:
+        register_base(
+            versions, rel, name, url, f"replay: first {train_fraction:.0%} of {name} by global time"
+        )
+    return plan, cfg
+
+
+def arm_store(ws: Path, cfg: Config, arm: str, trigger: str) -> tuple[str, str]:
+    """An arm's feedback store and monitor trigger: ``static`` only reports, into a store of its own."""
+    if arm == "static":
+        return f"sqlite:///{ws / STATIC_STORE}", "none"
+    return feedback_url(ws, cfg), trigger
+
+
+def window_row(
+    window: int, serving: str | None, stats: WindowStats, checked: dict[str, Any]
+) -> dict[str, Any]:
+    """One window's record: the version that served it, the client's numbers, the monitor's verdict."""
+    return {
+        "window": window,
+        "serving_version": serving,
+        "client": stats.to_dict(),
+        "drift": {k: checked[k] for k in ("drifted", "fired", "statistics", "metrics", "champion")},
+        "monitor_run_id": checked["mlflow_run_id"],
+        "retrain": None,
+    }
+
+
+def wait_for_window(ws: Path, window: str, timeout: float) -> dict[str, Any]:
+    """Wait until the retrain flow recorded ``window`` as done (event-triggered retraining)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        record = DataVersions(ws).window(window)
+        if record is not None and record.get("status") == "done":
+            return dict(record["result"])
+        time.sleep(2)
+    raise TimeoutError(f"no retrain run finished window {window} within {timeout:.0f}s")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def log_to_mlflow(
+    ws: Path, cfg: Config, params: dict[str, Any], arms: dict[str, list[dict[str, Any]]], out: Path
+) -> str:
+    """One MLflow run per arm (per-window metrics) under a parent run with the plot and summary."""
+    import mlflow
+
+    from components.core import tracking
+
+    experiment_id = tracking.setup(ws, cfg.tracking.experiment + "-replay", cfg.tracking.uri)
+    plot = plot_replay(arms, out / "replay.png")
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name="replay", tags={"metarec.flow": "replay"}
+    ) as parent:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        for arm, rows in arms.items():
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=f"replay {arm}", nested=True, tags={"metarec.arm": arm}
+            ):
+                for r in rows:
+                    step = int(r["window"])
+                    client = r["client"]
+                    metrics = {
+                        "online_hit_at_10": client["hit_rate"],
+                        "online_ctr": client["ctr"],
+                        "lists": client["lists"],
+                        "cold_requests": client["cold_requests"],
+                        "model_version": float(r["serving_version"]),
+                        "retrained": float(bool(r.get("retrain"))),
+                        "promoted": float(bool((r.get("retrain") or {}).get("registry", {}).get("promoted"))),
+                    }
+                    metrics.update((r.get("drift") or {}).get("metrics", {}))
+                    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _finite(v)}, step=step)
+                totals = summary(rows)
+                mlflow.log_metrics({k: v for k, v in totals.items() if _finite(v)})
+        for arm, rows in arms.items():
+            mlflow.log_metrics({f"{arm}.{k}": v for k, v in summary(rows).items() if _finite(v)})
+        mlflow.log_artifact(str(plot))
+        mlflow.log_artifact(str(out / "replay.json"))
+        mlflow.log_artifact(str(out / "replay.md"))
+        return str(parent.info.run_id)
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """An arm's hit rates, drifted windows, retrains and promotions over all its windows."""
+    lists = sum(r["client"]["lists"] for r in rows)
+    hits = sum(r["client"]["hits"] for r in rows)
+    later = [r for r in rows if r["window"] > 0]
+    later_lists = sum(r["client"]["lists"] for r in later)
+    return {
+        "hit_rate_all": hits / lists if lists else float("nan"),
+        "hit_rate_after_first": (sum(r["client"]["hits"] for r in later) / later_lists)
+        if later_lists
+        else float("nan"),
+        "windows_drifted": float(sum(bool((r.get("drift") or {}).get("drifted")) for r in rows)),
+        "retrains": float(sum(bool(r.get("retrain")) for r in rows)),
+        "promotions": float(
+            sum(bool((r.get("retrain") or {}).get("registry", {}).get("promoted")) for r in rows)
+        ),
+    }
+
+
+def markdown(
+    params: dict[str, Any], plan: list[dict[str, Any]], arms: dict[str, list[dict[str, Any]]]
+) -> str:
+    """``replay.md``: the parameters, the plan, every arm's windows and their summaries."""
+    lines = ["# Replay", "", "```", json.dumps(params, indent=1, default=str), "```", ""]
+    lines += ["| window | rows | users | users new to v0 |", "|---|---|---|---|"]
+    lines += [f"| {p['window']} | {p['rows']} | {p['users']} | {p['users_new_to_base']} |" for p in plan]
+    lines += ["", "| arm | window | served by | lists | online hit@10 | CTR | drift fired | retrain → gate |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for arm, rows in arms.items():
+        for r in rows:
+            fired = ", ".join((r.get("drift") or {}).get("fired", [])) or "—"
+            rt = r.get("retrain")
+            if rt:
+                reg = rt.get("registry", {})
+                gate = f"v{reg.get('version')} {'promoted' if reg.get('promoted') else 'refused'}"
+            else:
+                gate = "—"
+            c = r["client"]
+            lines.append(
+                f"| {arm} | {r['window']} | v{r['serving_version']} | {c['lists']} | {c['hit_rate']:.4f} | "
+                f"{c['ctr']:.4f} | {fired} | {gate} |"
+            )
+    lines += ["", "| arm | hit@10 all windows | hit@10 after window 0 | retrains | promotions |"]
+    lines += ["|---|---|---|---|---|"]
+    for arm, rows in arms.items():
+        s = summary(rows)
+        lines.append(
+            f"| {arm} | {s['hit_rate_all']:.4f} | {s['hit_rate_after_first']:.4f} | {s['retrains']:.0f} | "
+            f"{s['promotions']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report(
+    ws: Path, cfg: Config, params: dict[str, Any], plan: ReplayPlan, arms: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Write ``replay/replay.json`` and ``replay.md``, log both arms to MLflow; return the JSON's content
+    with the MLflow run id and the report's path."""
+    out = ws / "replay"
+    summaries = {arm: summary(rows) for arm, rows in arms.items()}
+    payload = {"params": params, "plan": plan.summary(), "arms": arms, "summary": summaries}
+    (out / "replay.json").write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+    (out / "replay.md").write_text(markdown(params, plan.summary(), arms), encoding="utf-8")
+    run_id = log_to_mlflow(ws, cfg, params, arms, out)
+    return {**payload, "mlflow_run_id": run_id, "report": str(out / "replay.md")}

@@ -14,8 +14,9 @@ Data versions live under ``<workspace>/data/feedback/``:
 New data changes the evaluation split, and the registry's gate refuses to compare metrics measured
 on different data. :class:`SplitReevaluator` measures the champion's and the challenger's bundles side
 by side on the challenger's split, both scored from the same histories (the new data's, feedback
-included), with the same cold-item slice and the same latency benchmark in one process; the registry
-gates on those numbers in its ``reevaluated`` mode (:func:`register_and_gate_new_data`).
+included), with the same cold-item slice and the same latency benchmark in one process: the retrain
+flow hands it to ``registry.promotion.register_and_gate`` (a ``registry.store.Measurer``), which gates
+on those numbers in its ``reevaluated`` mode.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,10 @@ import scipy.sparse as sp
 from components.core.config import Config, RetrainConfig
 from components.core.storage import atomic_dir, read_json, write_json
 from components.data import fetch
+
+if TYPE_CHECKING:
+    from components.bundle.engine import BundleEngine
+    from components.evaluation.protocol import EvalData
 
 FEEDBACK_DATA = Path("data") / "feedback"
 VERSIONS_FILE = "versions.json"
@@ -178,7 +183,8 @@ def read_inter(path: Path) -> tuple[list[str], pd.DataFrame]:
     return header, frame
 
 
-def _fmt(value: float) -> str:
+def format_number(value: float) -> str:
+    """A number as ``.inter`` files write it: integers without a decimal point."""
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
 
 
@@ -249,9 +255,9 @@ def _append_lines(header: list[str], rows: pd.DataFrame) -> list[str]:
             elif name == "item_id":
                 values.append(str(rec.item_id))
             elif name == "rating":
-                values.append(_fmt(float(rec.rating)))
+                values.append(format_number(float(rec.rating)))
             elif name == "timestamp":
-                values.append(_fmt(float(rec.timestamp)))
+                values.append(format_number(float(rec.timestamp)))
             else:
                 values.append("")
         lines.append("\t".join(values))
@@ -409,7 +415,7 @@ class BundleScorer:
     from their profile and history. Items the bundle does not know score ``-inf`` (never ranked).
     """
 
-    def __init__(self, engine: Any, users: pd.DataFrame, items: pd.DataFrame) -> None:
+    def __init__(self, engine: BundleEngine, users: pd.DataFrame, items: pd.DataFrame) -> None:
         self.engine = engine
         self.user_ids = users.sort_values("user")["user_id"].astype(str).tolist()
         ws_items = {item: k for k, item in enumerate(items.sort_values("item")["item_id"].astype(str))}
@@ -521,7 +527,7 @@ class SplitReevaluator:
             out[v]["latency"] = latency
         return out
 
-    def _ranking(self, scorer: BundleScorer, data: Any) -> dict[str, Any]:
+    def _ranking(self, scorer: BundleScorer, data: EvalData) -> dict[str, Any]:
         from components.evaluation import protocol as evaluate
 
         ev = self.cfg.eval
@@ -531,7 +537,7 @@ class SplitReevaluator:
             sections["cold"] = result["slices"]["cold_items"]
         return sections
 
-    def _latency(self, scorers: dict[str, BundleScorer], data: Any) -> dict[str, dict[str, float]]:
+    def _latency(self, scorers: dict[str, BundleScorer], data: EvalData) -> dict[str, dict[str, float]]:
         """Scorer p50/p99/mean ms per bundle, batch 1, on the first test user all of them know."""
         test_users = np.flatnonzero(np.diff(data.test.indptr) > 0)
         common = [u for u in test_users if all(s.user_ids[u] in s.own_users for s in scorers.values())]
@@ -594,19 +600,3 @@ def interleaved_latency(
                     "scorer_mean_ms": float(times.mean()),
                 }
     return best
-
-
-def register_and_gate_new_data(workspace: Path, cfg: Config, bundle: Path, run_id: str) -> dict[str, Any]:
-    """Register a retrained bundle as challenger; gate it against the champion, both re-evaluated.
-
-    The registry's ``reevaluated`` gate mode: the champion and the challenger are measured now, on
-    this workspace's split (the challenger's), by :class:`SplitReevaluator`; a pass promotes through
-    the registry's audited ``promote``, a refusal leaves the version as challenger. Without a champion
-    the absolute floors decide. Idempotent per training run (a retry registers no second version).
-
-    Returns:
-        ``{"version", "promoted", "champion", "gate", "reasons", "decision"}``.
-    """
-    from registry.store import register_and_gate
-
-    return register_and_gate(workspace, bundle, run_id, cfg, SplitReevaluator(workspace, cfg))

@@ -10,9 +10,8 @@ from prefect import flow, get_run_logger, task
 
 from components import ablation
 from components.core import tracking
-from components.core.config import load_config
 from components.core.storage import write_json
-from components.core.workspace import Paths
+from components.core.workspace import Paths, workspace_config
 from components.model.facade import evaluate_variant
 
 
@@ -33,7 +32,7 @@ def run_variant(workspace: str, name: str, experiment: str) -> dict[str, Any]:
     import mlflow
 
     paths = Paths(Path(workspace))
-    base = load_config(paths.params)
+    base = workspace_config(paths.root)
     variant = next(v for v in ablation.VARIANTS if v.name == name)
     cfg = ablation.variant_config(base, variant)
     experiment_id = tracking.setup(paths.root, experiment, cfg.tracking.uri)
@@ -56,7 +55,7 @@ def ablations(workspace: str, variants: list[str] | None = None) -> dict[str, An
     import mlflow
 
     paths = Paths(Path(workspace))
-    cfg = load_config(paths.params)
+    cfg = workspace_config(paths.root)
     experiment = f"{cfg.tracking.experiment}-ablations"
     names = variants or [v.name for v in ablation.VARIANTS]
     unknown = sorted(set(names) - {v.name for v in ablation.VARIANTS})

@@ -1,6 +1,7 @@
 """The ``monitor`` flow: one drift check of the feedback since the champion's data, report, event.
 
-1. The champion's reference comes from its own bundle (``components.drift.reference``).
+1. The champion's reference comes from its own bundle (``registry.promotion.champion_bundle``,
+   ``components.drift.reference``).
 2. The window is the feedback store's events after the champion's data version (its high-water mark in
    ``data/feedback/versions.json``; the whole store when the champion predates retraining), cut by
    ``since_ts``/``until_ts`` when given.
@@ -19,94 +20,24 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from components.core.config import Config
+from components.core.workspace import workspace_config
 from components.drift import reference as monitoring
-
-
-def _config(workspace: str, overrides: list[str] | None) -> Any:
-    """The workspace's config (the defaults where it has no params.yaml) with ``overrides``."""
-    from components.core.config import Config, apply_overrides, build_config, load_config
-
-    params = Path(workspace) / "params.yaml"
-    if params.exists():
-        return load_config(params, overrides or [])
-    return build_config(apply_overrides(Config().model_dump(mode="json"), overrides or []))
+from registry import promotion
 
 
 @task(name="load-reference", cache_policy=NO_CACHE)
-def load_reference(workspace: str, overrides: list[str]) -> monitoring.ReferenceData:
+def load_reference(workspace: str, cfg: Config) -> monitoring.ReferenceData:
     """Download the champion's bundle (cached per version) and summarise its training data."""
-    cfg = _config(workspace, overrides)
-    version, bundle = monitoring.champion_bundle(Path(workspace), cfg)
+    version, bundle = promotion.champion_bundle(Path(workspace), cfg)
     return monitoring.reference_from_bundle(bundle, cfg, version)
 
 
-def champion_high_water(workspace: str, ref: monitoring.ReferenceData, url: str) -> int:
-    """Store sequence the champion's training data already contains (0 when none of the store's)."""
-    from components.retrain import DataVersions
-
-    data = (ref.manifest.get("config") or {}).get("data") or {}
-    found = DataVersions(Path(workspace)).by_path(data.get("path"))
-    if found is None or found.feedback_url != url:
-        return 0
-    return found.feedback_seq
-
-
-@task(name="read-feedback", cache_policy=NO_CACHE)
-def read_feedback(
-    workspace: str,
-    overrides: list[str],
-    after_seq: int,
-    since_ts: float | None,
-    until_ts: float | None,
-    feedback_url: str,
-) -> tuple[Any, int]:
-    """The window's events and the store's high-water mark."""
-    cfg = _config(workspace, overrides)
-    store = monitoring.open_feedback(Path(workspace), cfg, feedback_url or None)
-    try:
-        return monitoring.read_events(store, after_seq, since_ts, until_ts)
-    finally:
-        store.close()
-
-
-@task(name="drift-report", cache_policy=NO_CACHE)
-def drift_report(
-    workspace: str,
-    overrides: list[str],
-    ref: monitoring.ReferenceData,
-    events: Any,
-    window: str,
-    step: int | None,
-    tags: dict[str, str],
-) -> dict[str, Any]:
-    """Run the checks, log report + statistics to MLflow, return the event payload."""
-    import tempfile
-
-    import mlflow
-
-    from components.core import tracking
-    from components.drift import report
-
-    cfg = _config(workspace, overrides)
-    result = monitoring.check_window(ref, events, cfg)
-    experiment = cfg.tracking.experiment + monitoring.MONITOR_EXPERIMENT_SUFFIX
-    experiment_id = tracking.setup(Path(workspace), experiment, cfg.tracking.uri)
-    run_tags = {
-        "metarec.flow": "monitor",
-        "metarec.window": window,
-        "metarec.champion": str(ref.version),
-        "metarec.git_commit": tracking.git_commit(),
-        **tags,
-    }
-    with (
-        mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor {window}", tags=run_tags) as run,
-        tempfile.TemporaryDirectory(prefix="metarec-drift-") as tmp,
-    ):
-        mlflow.log_params({f"drift.{k}": str(v)[:500] for k, v in cfg.drift.model_dump().items()})
-        report.log_to_mlflow(result, Path(tmp), step=step)
-        payload = monitoring.drift_payload(result, window, Path(workspace), ref.version, run.info.run_id)
-        mlflow.log_dict(payload, "drift/payload.json")
-    return {"drifted": result.drifted, "payload": payload}
+# Reading the store is idempotent: a transient store error deserves another try.
+read_feedback = task(name="read-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)(
+    monitoring.read_window
+)
+drift_report = task(name="drift-report", cache_policy=NO_CACHE)(monitoring.report_window)
 
 
 @task(name="emit-drift-event", cache_policy=NO_CACHE)
@@ -114,18 +45,12 @@ def emit_drift_event(workspace: str, payload: dict[str, Any]) -> str | None:
     """Emit ``metarec.drift.detected`` for the workspace; return the event id (None when not sent)."""
     from prefect.events import emit_event
 
-    related = []
-    if payload.get("champion") is not None:
-        related.append(
-            {
-                "prefect.resource.id": f"metarec.model-version.{payload['champion']}",
-                "prefect.resource.role": "champion",
-            }
-        )
+    champion = payload.get("champion")
+    model = {"prefect.resource.id": f"metarec.model-version.{champion}", "prefect.resource.role": "champion"}
     event = emit_event(
         event=monitoring.DRIFT_EVENT,
         resource=monitoring.workspace_resource(workspace),
-        related=related,
+        related=[] if champion is None else [model],
         payload=payload,
     )
     return str(event.id) if event is not None else None
@@ -138,15 +63,6 @@ def start_retrain_deployment(deployment: str, parameters: dict[str, Any]) -> str
 
     run: Any = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
     return str(run.id)
-
-
-def retrain_parameters(workspace: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """What a drift event hands the retrain flow (the deployment trigger templates the same)."""
-    return {
-        "workspace": str(Path(workspace).resolve()),
-        "window": payload["window"],
-        "reason": f"drift: {payload['fired_text']}",
-    }
 
 
 @flow(name="monitor", log_prints=True)
@@ -180,16 +96,16 @@ def monitor(
     logger = get_run_logger()
     ws = str(Path(workspace).resolve())
     overrides = list(overrides or [])
-    cfg = _config(ws, overrides)
+    cfg = workspace_config(ws, overrides, missing_ok=True)
     mode = trigger or cfg.deploy.trigger
     if mode not in ("event", "run_deployment", "inline", "none"):
         raise ValueError(f"trigger must be event, run_deployment, inline or none, got {mode!r}")
-    ref = load_reference(ws, overrides)
+    ref = load_reference(ws, cfg)
     url = monitoring.feedback_url(Path(ws), cfg, feedback_url or None)
-    start = champion_high_water(ws, ref, url) if after_seq is None else int(after_seq)
-    events, last = read_feedback(ws, overrides, start, since_ts, until_ts, feedback_url)
+    start = monitoring.champion_high_water(Path(ws), ref, url) if after_seq is None else int(after_seq)
+    events, last = read_feedback(Path(ws), cfg, start, since_ts, until_ts, url)
     name = window or f"seq-{start}-{last}"
-    checked = drift_report(ws, overrides, ref, events, name, step, {"metarec.trigger": mode})
+    checked = drift_report(Path(ws), cfg, ref, events, name, step, {"metarec.trigger": mode})
     payload = checked["payload"]
     out: dict[str, Any] = {
         "window": name,
@@ -212,7 +128,7 @@ def monitor(
     if mode == "none":
         return out
     out["event_id"] = emit_drift_event(ws, payload)
-    params = retrain_parameters(ws, payload)
+    params = monitoring.retrain_parameters(ws, payload)
     if mode == "run_deployment":
         deployment = f"retrain/{cfg.deploy.name}"
         out["triggered"] = {"mode": mode, "deployment": deployment, "flow_run_id": "pending"}

@@ -13,157 +13,23 @@
 
 from __future__ import annotations
 
-import json
-import math
 import secrets
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from components import replay as rp
-from components.drift import reference as monitoring
-from components.retrain import FEEDBACK_DATA, DataVersions, register_base
+from components.retrain import FEEDBACK_DATA
+from registry.store import CHAMPION, open_registry
 
-ARMS = ("static", "retrain")
-STATIC_STORE = "feedback/replay-static.db"
-
-
-def _prepare(
-    ws: Path, windows: int, train_fraction: float, replay_fraction: float, overrides: list[str]
-) -> tuple[rp.ReplayPlan, Any]:
-    """Fetch the dataset, cut it, write and ``dvc add`` v0, and return the plan and config."""
-    from components import pipeline
-    from components.data import fetch
-
-    cfg = pipeline.prepare_workspace(ws, overrides)
-    name = cfg.data.name
-    source = ws / "data" / "replay" / "source"
-    if not fetch.dataset_files(source, name):
-        fetch.fetch(source, cfg.data.path, name)
-    header, frame = rp.read_interactions(source / f"{name}.inter")
-    plan = rp.temporal_cut(header, frame, train_fraction, windows, replay_fraction)
-    rel = FEEDBACK_DATA / "v0"
-    dest = ws / rel
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in fetch.dataset_files(source, name):
-        if path.name != f"{name}.inter":
-            shutil.copyfile(path, dest / path.name)
-    rp.write_inter(dest / f"{name}.inter", header, plan.base)
-    url = monitoring.feedback_url(ws, cfg)
-    with DataVersions(ws).locked() as versions:
-        register_base(
-            versions, rel, name, url, f"replay: first {train_fraction:.0%} of {name} by global time"
-        )
-    return plan, cfg
-
-
-def _wait_for_window(ws: Path, window: str, timeout: float) -> dict[str, Any]:
-    """Wait until the retrain flow recorded ``window`` as done (event-triggered retraining)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        record = DataVersions(ws).window(window)
-        if record is not None and record.get("status") == "done":
-            return dict(record["result"])
-        time.sleep(2)
-    raise TimeoutError(f"no retrain run finished window {window} within {timeout:.0f}s")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _log(ws: Path, cfg: Any, params: dict[str, Any], arms: dict[str, list[dict[str, Any]]], out: Path) -> str:
-    """One MLflow run per arm (per-window metrics) under a parent run with the plot and summary."""
-    import mlflow
-
-    from components.core import tracking
-
-    experiment_id = tracking.setup(ws, cfg.tracking.experiment + "-replay", cfg.tracking.uri)
-    plot = rp.plot_replay(arms, out / "replay.png")
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name="replay", tags={"metarec.flow": "replay"}
-    ) as parent:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        for arm, rows in arms.items():
-            with mlflow.start_run(
-                experiment_id=experiment_id, run_name=f"replay {arm}", nested=True, tags={"metarec.arm": arm}
-            ):
-                for r in rows:
-                    step = int(r["window"])
-                    client = r["client"]
-                    metrics = {
-                        "online_hit_at_10": client["hit_rate"],
-                        "online_ctr": client["ctr"],
-                        "lists": client["lists"],
-                        "cold_requests": client["cold_requests"],
-                        "model_version": float(r["serving_version"]),
-                        "retrained": float(bool(r.get("retrain"))),
-                        "promoted": float(bool((r.get("retrain") or {}).get("registry", {}).get("promoted"))),
-                    }
-                    metrics.update((r.get("drift") or {}).get("metrics", {}))
-                    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _finite(v)}, step=step)
-                summary = _summary(rows)
-                mlflow.log_metrics({k: v for k, v in summary.items() if _finite(v)})
-        for arm, rows in arms.items():
-            mlflow.log_metrics({f"{arm}.{k}": v for k, v in _summary(rows).items() if _finite(v)})
-        mlflow.log_artifact(str(plot))
-        mlflow.log_artifact(str(out / "replay.json"))
-        mlflow.log_artifact(str(out / "replay.md"))
-        return str(parent.info.run_id)
-
-
-def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    lists = sum(r["client"]["lists"] for r in rows)
-    hits = sum(r["client"]["hits"] for r in rows)
-    later = [r for r in rows if r["window"] > 0]
-    later_lists = sum(r["client"]["lists"] for r in later)
-    return {
-        "hit_rate_all": hits / lists if lists else float("nan"),
-        "hit_rate_after_first": (sum(r["client"]["hits"] for r in later) / later_lists)
-        if later_lists
-        else float("nan"),
-        "windows_drifted": float(sum(bool((r.get("drift") or {}).get("drifted")) for r in rows)),
-        "retrains": float(sum(bool(r.get("retrain")) for r in rows)),
-        "promotions": float(
-            sum(bool((r.get("retrain") or {}).get("registry", {}).get("promoted")) for r in rows)
-        ),
-    }
-
-
-def _markdown(
-    params: dict[str, Any], plan: list[dict[str, Any]], arms: dict[str, list[dict[str, Any]]]
-) -> str:
-    lines = ["# Replay", "", "```", json.dumps(params, indent=1, default=str), "```", ""]
-    lines += ["| window | rows | users | users new to v0 |", "|---|---|---|---|"]
-    lines += [f"| {p['window']} | {p['rows']} | {p['users']} | {p['users_new_to_base']} |" for p in plan]
-    lines += ["", "| arm | window | served by | lists | online hit@10 | CTR | drift fired | retrain → gate |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
-    for arm, rows in arms.items():
-        for r in rows:
-            fired = ", ".join((r.get("drift") or {}).get("fired", [])) or "—"
-            rt = r.get("retrain")
-            if rt:
-                reg = rt.get("registry", {})
-                gate = f"v{reg.get('version')} {'promoted' if reg.get('promoted') else 'refused'}"
-            else:
-                gate = "—"
-            c = r["client"]
-            lines.append(
-                f"| {arm} | {r['window']} | v{r['serving_version']} | {c['lists']} | {c['hit_rate']:.4f} | "
-                f"{c['ctr']:.4f} | {fired} | {gate} |"
-            )
-    lines += ["", "| arm | hit@10 all windows | hit@10 after window 0 | retrains | promotions |"]
-    lines += ["|---|---|---|---|---|"]
-    for arm, rows in arms.items():
-        s = _summary(rows)
-        lines.append(
-            f"| {arm} | {s['hit_rate_all']:.4f} | {s['hit_rate_after_first']:.4f} | {s['retrains']:.0f} | "
-            f"{s['promotions']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+prepare = task(name="prepare-replay", cache_policy=NO_CACHE)(rp.prepare)
+play_window = task(name="play-window", task_run_name="{arm}-w{window}", cache_policy=NO_CACHE)(
+    rp.ReplayClient.play
+)
+wait_for_retrain = task(name="wait-for-retrain", cache_policy=NO_CACHE)(rp.wait_for_window)
+report = task(name="report-replay", cache_policy=NO_CACHE)(rp.report)
 
 
 @flow(name="replay", log_prints=True)
@@ -201,19 +67,18 @@ def replay(
     """
     from flows.monitor import monitor
     from flows.training import training
-    from registry.store import CHAMPION, open_registry
 
     logger = get_run_logger()
     ws = Path(workspace).resolve()
-    arms = list(arms or ARMS)
-    if set(arms) - set(ARMS):
-        raise ValueError(f"arms must be among {ARMS}, got {arms}")
+    arms = list(arms or rp.ARMS)
+    if set(arms) - set(rp.ARMS):
+        raise ValueError(f"arms must be among {rp.ARMS}, got {arms}")
     if trigger not in ("inline", "event", "run_deployment"):
         raise ValueError(f"trigger must be inline, event or run_deployment, got {trigger!r}")
     if (ws / FEEDBACK_DATA / "versions.json").exists():
         raise ValueError(f"{ws} already holds data versions; a replay starts from a new workspace")
     overrides = ["model.name=metarec", "serve.poll_seconds=1", *(overrides or [])]
-    plan, cfg = _prepare(ws, windows, train_fraction, replay_fraction, overrides)
+    plan, cfg = prepare(ws, windows, train_fraction, replay_fraction, overrides)
     name = cfg.data.name
     logger.info("cut: %d interactions in v0, %d windows of %d", len(plan.base), windows, len(plan.windows[0]))
     # v0 last: an override naming the source dataset (data.path) must not train on all of it.
@@ -221,9 +86,7 @@ def replay(
         workspace=str(ws),
         overrides=[*overrides, f"data.path={ws / FEEDBACK_DATA / 'v0'}", f"data.name={name}"],
     )
-    registry = open_registry(ws)
-    champion = registry.aliases().get(CHAMPION)
-    if champion is None:
+    if open_registry(ws).aliases().get(CHAMPION) is None:
         reasons = (first.get("registry") or {}).get("reasons", [])
         raise RuntimeError("the first model did not pass the gate's floors:\n" + "\n".join(reasons))
     profiles = rp.read_profiles(ws / "data" / "replay" / "source" / f"{name}.user")
@@ -232,21 +95,15 @@ def replay(
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {}
     for arm in arms:
-        if arm == "static":
-            url = f"sqlite:///{ws / STATIC_STORE}"
-            mode = "none"
-        else:
-            url = monitoring.feedback_url(ws, cfg)
-            mode = trigger
+        url, mode = rp.arm_store(ws, cfg, arm, trigger)
         rows: list[dict[str, Any]] = []
         with rp.running_server(ws, url, api_key, out_dir / f"serve-{arm}.log") as server:
             client = rp.ReplayClient(server.url, api_key, profiles, k)
             try:
                 for w, frame in enumerate(plan.windows):
+                    window, last = f"{arm}-w{w}", w + 1 == len(plan.windows)
                     serving = server.serving()
-                    stats = client.play(w, frame, arm)
-                    window = f"{arm}-w{w}"
-                    last = w + 1 == len(plan.windows)
+                    stats = play_window(client, w, frame, arm)
                     checked = monitor(
                         workspace=str(ws),
                         window=window,
@@ -256,25 +113,15 @@ def replay(
                         trigger="none" if last and not retrain_last else mode,
                         step=w,
                     )
-                    row: dict[str, Any] = {
-                        "window": w,
-                        "serving_version": serving,
-                        "client": stats.to_dict(),
-                        "drift": {
-                            k_: checked[k_]
-                            for k_ in ("drifted", "fired", "statistics", "metrics", "champion")
-                        },
-                        "monitor_run_id": checked["mlflow_run_id"],
-                        "retrain": None,
-                    }
+                    row = rp.window_row(w, serving, stats, checked)
                     if checked["drifted"] and mode != "none" and (retrain_last or not last):
                         if mode == "inline":
                             result = checked["triggered"]["result"]
                         else:
-                            result = _wait_for_window(ws, window, retrain_timeout)
+                            result = wait_for_retrain(ws, window, retrain_timeout)
                         row["retrain"] = result
                         reg = result.get("registry") or {}
-                        if reg.get("promoted") and w + 1 < len(plan.windows):
+                        if reg.get("promoted") and not last:
                             row["swap_seconds"] = server.wait_for_version(str(reg["champion"]))
                     logger.info(
                         "%s w%d: served by v%s, hit@10 %.4f over %d lists, drift %s%s",
@@ -300,9 +147,4 @@ def replay(
         "k": k,
         "retrain_last": retrain_last,
     }
-    summaries = {arm: _summary(rows) for arm, rows in results.items()}
-    payload = {"params": params, "plan": plan.summary(), "arms": results, "summary": summaries}
-    (out_dir / "replay.json").write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
-    (out_dir / "replay.md").write_text(_markdown(params, plan.summary(), results), encoding="utf-8")
-    run_id = _log(ws, cfg, params, results, out_dir)
-    return {**payload, "mlflow_run_id": run_id, "report": str(out_dir / "replay.md")}
+    return report(ws, cfg, params, plan, results)

@@ -14,15 +14,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from components.core.workspace import workspace_config
 from components.drift import reference as monitoring
 from components.retrain import DataVersion, DataVersions, append_version, ensure_base, feedback_after
-
-
-def _config(workspace: str) -> Any:
-    from components.core.config import Config, load_config
-
-    params = Path(workspace) / "params.yaml"
-    return load_config(params) if params.exists() else Config()
 
 
 @task(name="snapshot-feedback", cache_policy=NO_CACHE)
@@ -35,14 +29,10 @@ def snapshot_feedback(
         The new version (None when nothing new), the counts, and the window id (the given one, or
         ``seq-<after>-<high water>``).
     """
-    cfg = _config(str(versions.workspace))
+    cfg = workspace_config(versions.workspace, missing_ok=True)
     base = ensure_base(versions, cfg, url)
     after = feedback_after(base, url)
-    store = monitoring.open_feedback(versions.workspace, cfg, url)
-    try:
-        events, high_water = monitoring.read_events(store, after)
-    finally:
-        store.close()
+    events, high_water = monitoring.read_window(versions.workspace, cfg, after, url=url)
     name = window or f"seq-{after}-{high_water}"
     version, counts = append_version(versions, base, events, high_water, url, cfg, name)
     logger = get_run_logger()
@@ -59,24 +49,6 @@ def snapshot_feedback(
         counts,
     )
     return version.__dict__, counts, name
-
-
-# Registration is idempotent per training run, so a retry after a partial failure resumes it.
-@task(name="register-and-gate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def register_and_gate(workspace: str, run_id: str) -> dict[str, Any]:
-    """Register the exported bundle as challenger; gate it against the champion, both re-evaluated."""
-    from components.core.workspace import Paths
-    from components.retrain import register_and_gate_new_data
-
-    ws = Path(workspace)
-    outcome = register_and_gate_new_data(ws, _config(workspace), Paths(ws).bundle, run_id)
-    outcome.pop("decision", None)  # kept on the version as metarec.gate; the window records the rest
-    logger = get_run_logger()
-    verdict = "promoted to champion" if outcome["promoted"] else "kept as challenger"
-    logger.info("registered version %s (%s gate): %s", outcome["version"], outcome["gate"], verdict)
-    for line in outcome["reasons"]:
-        logger.info("gate: %s", line)
-    return outcome
 
 
 def _resume_registry(versions: DataVersions) -> None:
@@ -110,11 +82,11 @@ def retrain(
         ``{window, reason, retrained, reused, data_version, n_appended, counts, training_run_id,
         metrics, registry: {version, promoted, champion, gate, reasons}}``.
     """
-    from flows.training import training
+    from flows.training import register, training
 
     logger = get_run_logger()
     ws = str(Path(workspace).resolve())
-    cfg = _config(ws)
+    cfg = workspace_config(ws, missing_ok=True)
     url = monitoring.feedback_url(Path(ws), cfg, feedback_url or None)
     with DataVersions(Path(ws)).locked() as versions:
         _resume_registry(versions)
@@ -155,8 +127,8 @@ def retrain(
             f"data.path={data_path}",
             f"data.name={dv.name}",
         ]
-        register = cfg.registry.enabled and cfg.retrain.reevaluate_champion
-        if register:
+        reevaluate = cfg.registry.enabled and cfg.retrain.reevaluate_champion
+        if reevaluate:
             # This flow registers and gates itself (re-evaluating the champion on the new split);
             # the setting is restored right after (registry settings are no DVC stage's params), and
             # by the next retrain if this process dies first (the mark in versions.json).
@@ -166,13 +138,13 @@ def retrain(
         try:
             result = training(workspace=ws, overrides=train_overrides)
         finally:
-            if register:
+            if reevaluate:
                 _resume_registry(versions)
-        if register and _config(ws).model.name == "metarec":
-            registry = register_and_gate(ws, result["run_id"])
+        if reevaluate and workspace_config(ws, missing_ok=True).model.name == "metarec":
+            registry = register(ws, result["run_id"], reevaluate=True)
         else:
             registry = dict(result.get("registry") or {})
-            registry.pop("decision", None)
+        registry.pop("decision", None)  # kept on the version as metarec.gate; the window records the rest
         out = {
             "window": name,
             "reason": reason,

@@ -6,11 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from components import pipeline
 from components.core import tracking
-from components.core.workspace import Paths, read_metrics
+from components.core.config import Config
+from components.core.workspace import Paths, read_metrics, workspace_config
+from components.retrain import SplitReevaluator
 from components.stages import STAGES
+from registry import promotion
 
 
 @task(name="prepare-workspace")
@@ -42,16 +46,19 @@ def run_stage(workspace: str, stage: str, parent_run_id: str) -> dict[str, Any]:
 fetch_stage = run_stage.with_options(retries=2, retry_delay_seconds=10)
 
 
-@task(name="register-and-gate", retries=2, retry_delay_seconds=5)
-def register(workspace: str, run_id: str) -> dict[str, Any]:
-    """Register the exported bundle as challenger, gate it against the champion, promote if it passes."""
-    from registry.store import register_and_gate
+# Registration is idempotent per training run, so a retry after a partial failure resumes it.
+@task(name="register-and-gate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def register(workspace: str, run_id: str, reevaluate: bool = False) -> dict[str, Any]:
+    """Register the exported bundle as challenger, gate it against the champion, promote if it passes.
 
-    bundle = Paths(Path(workspace)).root / "models" / "bundle"
-    outcome = register_and_gate(workspace, bundle, run_id)
+    With ``reevaluate`` (after a retrain) both are measured side by side on this workspace's split."""
+    ws = Path(workspace)
+    cfg = workspace_config(ws, missing_ok=True)
+    measurer = SplitReevaluator(ws, cfg) if reevaluate else None
+    outcome = promotion.register_and_gate(ws, Paths(ws).bundle, run_id, cfg, measurer)
     logger = get_run_logger()
     verdict = "promoted to champion" if outcome["promoted"] else "kept as challenger"
-    logger.info("registered version %s: %s", outcome["version"], verdict)
+    logger.info("registered version %s (%s gate): %s", outcome["version"], outcome["gate"], verdict)
     for reason in outcome["reasons"]:
         logger.info("gate: %s", reason)
     return outcome
@@ -60,8 +67,6 @@ def register(workspace: str, run_id: str) -> dict[str, Any]:
 @flow(name="training", log_prints=True)
 def training(workspace: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the DVC stages (fetch → … → evaluate, see STAGES) and return the run id and metrics."""
-    from components.core.config import Config
-
     cfg = Config.model_validate(prepare(workspace, overrides or []))
     root = Path(workspace)
     with tracking.parent_run(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 import sys
 import traceback
 from datetime import datetime
@@ -19,18 +17,8 @@ from rich.table import Table
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-DEBUG_ENV = "METAREC_DEBUG"
-LOG_FILE = Path("logs") / "metarec.log"  # under the workspace
-_log = logging.getLogger("metarec.cli")
-_log.propagate = False  # the log file only: the console gets one `error:` block, never a traceback
-_log.setLevel(logging.DEBUG)
-_log.addHandler(logging.NullHandler())  # before a workspace is known; else logging's last resort prints
-
-
-class _State:
-    debug = bool(os.environ.get(DEBUG_ENV))
-    log_file: Path | None = None
-    handler: logging.Handler | None = None
+from components.core.logs import DEBUG_ENV, State, log, log_to
+from components.stages import STAGES
 
 
 class _Group(TyperGroup):
@@ -42,7 +30,7 @@ class _Group(TyperGroup):
         except (typer.Exit, typer.Abort, TyperException):
             raise
         except Exception as exc:
-            if _State.debug:
+            if State.debug:
                 raise
             raise _fail(f"{type(exc).__name__}: {exc}", details=True) from None
 
@@ -68,98 +56,10 @@ def _options(
         ),
     ] = False,
 ) -> None:
-    _State.debug = debug
+    State.debug = debug
     if debug:
         os.environ[DEBUG_ENV] = "1"  # the `metarec stage` processes DVC starts print theirs too
-    _log_to(None)  # until the command names its workspace (tests run many commands in one process)
-
-
-class _WorkspaceLog(logging.FileHandler):
-    """``<workspace>/logs/metarec.log``, written only once the workspace exists (no stray directories)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, encoding="utf-8", delay=True)
-        self.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        path = Path(self.baseFilename)
-        if self.stream is None:
-            if not path.parent.parent.is_dir():
-                return
-            path.parent.mkdir(exist_ok=True)
-        super().emit(record)
-
-
-class _NoTraceback(logging.Formatter):
-    """Formats as the wrapped formatter does, without the traceback (that goes to the log file)."""
-
-    def __init__(self, inner: logging.Formatter | None) -> None:
-        super().__init__()
-        self.inner = inner or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        saved = record.exc_info, record.exc_text, record.stack_info
-        record.exc_info = record.exc_text = record.stack_info = None
-        try:
-            return self.inner.format(record)
-        finally:
-            record.exc_info, record.exc_text, record.stack_info = saved
-
-
-class _RunFailures(logging.Filter):
-    """Drop in-process flow and task run failures from the console: the CLI reports them, once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
-            return True
-        if record.levelno >= logging.ERROR:
-            return False
-        return not re.match(r"Finished in state (Failed|Crashed)\b", record.getMessage())
-
-
-_RUN_FAILURES = _RunFailures()
-
-
-def _prefect_logging_ready() -> bool:
-    """Whether Prefect has configured logging (its dictConfig would drop handlers attached before)."""
-    configuration = sys.modules.get("prefect.logging.configuration")
-    return bool(getattr(configuration, "PROCESS_LOGGING_CONFIG", None))
-
-
-def _quiet_console(quiet: bool) -> None:
-    """Prefect's console handlers: without tracebacks and run failures, unless --debug."""
-    if not _prefect_logging_ready():
-        return
-    handlers = [*logging.getLogger().handlers, *logging.getLogger("prefect._internal").handlers]
-    for handler in handlers:
-        if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
-            continue
-        wrapped = isinstance(handler.formatter, _NoTraceback)
-        if quiet and not wrapped:
-            handler.setFormatter(_NoTraceback(handler.formatter))
-            handler.addFilter(_RUN_FAILURES)
-        elif not quiet and isinstance(handler.formatter, _NoTraceback):
-            handler.setFormatter(handler.formatter.inner)
-            handler.removeFilter(_RUN_FAILURES)
-
-
-def _log_to(ws: Path | None) -> None:
-    """Send metarec's and Prefect's records, tracebacks included, to the workspace log (None: nowhere)."""
-    path = None if ws is None else ws / LOG_FILE
-    loggers = [_log, logging.getLogger("prefect")]
-    if _State.handler is not None and _State.log_file != path:
-        for logger in loggers:
-            logger.removeHandler(_State.handler)
-        _State.handler.close()
-        _State.handler = _State.log_file = None
-    if path is not None and _State.handler is None:
-        _State.handler, _State.log_file = _WorkspaceLog(path), path
-    if _State.handler is not None:
-        # Prefect's logging setup replaces the handlers of its loggers: attach only once it has run.
-        for logger in loggers if _prefect_logging_ready() else [_log]:
-            if _State.handler not in logger.handlers:
-                logger.addHandler(_State.handler)
-    _quiet_console(not _State.debug)
+    log_to(None)  # until the command names its workspace (tests run many commands in one process)
 
 
 WorkspaceOpt = Annotated[
@@ -174,16 +74,15 @@ def _workspace(value: Path | None) -> Path:
     from components.pipeline import default_workspace
 
     ws = value.resolve() if value is not None else default_workspace()
-    _log_to(ws)
+    log_to(ws)
     return ws
 
 
 def _configured_uri(ws: Path) -> str:
     """The workspace's ``tracking.uri`` (empty: its own sqlite store)."""
-    from components.core.config import load_config
+    from components.core.workspace import workspace_config
 
-    params = ws / "params.yaml"
-    return load_config(params).tracking.uri if params.exists() else ""
+    return workspace_config(ws, missing_ok=True).tracking.uri
 
 
 def _orchestrate() -> None:
@@ -207,15 +106,15 @@ def _fail(message: str, details: bool = False) -> typer.Exit:
     exc = sys.exc_info()[1]
     stage_log = str(getattr(exc, "log", "") or "")
     if exc is not None:
-        _log.error("%s", message, exc_info=exc)
+        log.error("%s", message, exc_info=exc)
         if stage_log:
-            _log.error("output of the failed stage:\n%s", stage_log)
-        if _State.debug:
+            log.error("output of the failed stage:\n%s", stage_log)
+        if State.debug:
             traceback.print_exception(exc)
             if stage_log:
                 print(stage_log, file=sys.stderr)
     else:
-        _log.error("%s", message)
+        log.error("%s", message)
     from components.pipeline import STAGE_ERROR_ENV
 
     report = os.environ.get(STAGE_ERROR_ENV)
@@ -223,8 +122,8 @@ def _fail(message: str, details: bool = False) -> typer.Exit:
         # `metarec stage` under DVC: hand the message to the flow's PipelineError (components.pipeline).
         Path(report).write_text(message, encoding="utf-8")
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
-    if (details or stage_log) and not _State.debug:
-        where = _State.log_file if _State.log_file and _State.log_file.exists() else None
+    if (details or stage_log) and not State.debug:
+        where = State.log_file if State.log_file and State.log_file.exists() else None
         hint = f"details in {where} (or rerun with --debug)" if where else "rerun with --debug for details"
         err.print(f"  {hint}", highlight=False, markup=False, soft_wrap=True)
     return typer.Exit(code=1)
@@ -321,7 +220,7 @@ def ablate(
 @app.command()
 def stage(
     name: Annotated[
-        str, typer.Argument(help="fetch | ingest | build_kg | split | mine | encode | train | evaluate")
+        str, typer.Argument(help=" | ".join(STAGES))
     ],
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -666,16 +565,11 @@ def registry_rollback(
 def serve_settings(ws: Path, overrides: dict[str, Any]) -> Any:
     """The workspace's ``serve`` settings with CLI overrides, store paths resolved against ``ws``."""
     from components.core import tracking
-    from components.core.config import load_config
+    from components.core.workspace import workspace_config
 
-    cfg = load_config(ws / "params.yaml") if (ws / "params.yaml").exists() else None
-    base = cfg.serve if cfg is not None else None
-    from components.core.config import ServeSettings
-
-    settings = (base or ServeSettings()).model_copy(
-        update={k: v for k, v in overrides.items() if v is not None}
-    )
-    uri = settings.tracking_uri or tracking.tracking_uri(ws, cfg.tracking.uri if cfg else "")
+    cfg = workspace_config(ws, missing_ok=True)
+    settings = cfg.serve.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    uri = settings.tracking_uri or tracking.tracking_uri(ws, cfg.tracking.uri)
     feedback = settings.feedback_url
     prefix = "sqlite:///"
     if feedback.startswith(prefix) and not feedback.startswith(prefix + "/"):
@@ -753,12 +647,12 @@ def monitor(
 ) -> None:
     """One drift check now: feedback since the champion's data vs its training data; report and event."""
     _orchestrate()
-    from components.core.config import load_config
+    from components.core.workspace import workspace_config
     from flows.monitor import monitor as monitor_flow
 
     ws = _workspace(workspace)
     try:
-        mode = trigger or load_config(ws / "params.yaml", list(set_ or [])).deploy.trigger
+        mode = trigger or workspace_config(ws, list(set_ or [])).deploy.trigger
         result = monitor_flow(
             workspace=str(ws),
             window=window,
@@ -832,13 +726,13 @@ def deploy(
 ) -> None:
     """Create the monitor (hourly) and retrain (nightly + on drift) deployments and serve them."""
     _orchestrate()
-    from components.core.config import load_config
+    from components.core.workspace import workspace_config
     from flows.deploy import serve_deployments
 
     ws = _workspace(workspace)
     if not (ws / "params.yaml").exists():
         raise _fail(f"no params.yaml in {ws}; train the workspace first (`metarec run`)")
-    cfg = load_config(ws / "params.yaml")
+    cfg = workspace_config(ws)
     d = cfg.deploy
     console.print(
         f"serving monitor/{d.name} ({d.monitor_cron} {d.timezone}) and retrain/{d.name} "

@@ -2,7 +2,7 @@
 
 MLflow stores this file's source with every model version and runs it at load time, so no pickled
 object ever enters the registry. The bundle itself is the ``bundle`` artifact: verified against its
-manifest on load, then handed to ``components.bundle.load_bundle``.
+manifest on load, then handed to ``components.bundle.engine.load_bundle``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ OUTPUT_COLUMNS = ["user_id", "item_id", "rank", "score"]
 class MetarecBundleModel(PythonModel):
     """Top-k recommendations from a verified bundle; input rows are ``(user_id: str, k: int)``.
 
-    ``components.bundle.load_bundle(path)`` (the export stage's loader) must return an engine with the
-    ``components.serving.protocol.Engine`` protocol's ``recommend(user_id, k, explain=...)``.
+    ``components.bundle.engine.load_bundle(path)`` returns a ``components.serving.protocol.Engine``;
+    its ``recommend(user_id, k, explain=...)`` does the work.
     """
 
     def __init__(self) -> None:
@@ -32,7 +32,7 @@ class MetarecBundleModel(PythonModel):
 
         Raises:
             components.bundle.format.BundleError: A bundle file is missing or altered.
-            RuntimeError: ``components.bundle`` (the bundle's loader) is not importable here.
+            RuntimeError: ``components.bundle.engine`` (the bundle's loader) is not importable here.
         """
         # Imported here, not at module top: MLflow also executes this file when it logs the model, and
         # only serving needs the bundle's loader (and the serving stack it pulls in).
@@ -44,17 +44,14 @@ class MetarecBundleModel(PythonModel):
             from components.bundle.engine import load_bundle
         except ImportError as exc:
             raise RuntimeError(
-                f"cannot serve bundle {path}: components.bundle.load_bundle is not importable ({exc})"
+                f"cannot serve bundle {path}: components.bundle.engine is not importable ({exc})"
             ) from exc
         self.recommender = load_bundle(path)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """Recommend ``k`` items for each row's user; returns user_id, item_id, rank, score rows.
-
-        The loaded bundle is a ``components.serving.protocol.Engine``: its ``recommend`` does the work.
-        """
+        """Recommend ``k`` items for each row's user; returns user_id, item_id, rank, score rows."""
         rows = [
             (str(user), rec["item_id"], rec["rank"], rec["score"])
             for user, k in zip(model_input["user_id"], model_input["k"], strict=True)

@@ -12,8 +12,9 @@ returns to) is replayed from these events. A move is ordered alias first, audit 
 between leaves a champion that passed, and the next locked operation re-derives the missing event.
 
 Registration is idempotent per training run: a version is keyed by its source run and its manifest
-digest, so a retried ``register``/``register_and_gate`` finds the version an earlier attempt created
-and resumes from what that attempt left undone instead of registering a duplicate.
+digest, so a retried ``register`` finds the version an earlier attempt created and resumes from what
+that attempt left undone instead of registering a duplicate. The flows' path through these operations
+(register, gate, promote) is ``registry.promotion``.
 """
 
 from __future__ import annotations
@@ -30,26 +31,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from components.bundle.format import FORMAT, MANIFEST, BundleError, file_sha256, verify_bundle
-from components.core.config import Config, RegistryConfig, load_config
-from registry.gate import (
-    REEVALUATED,
-    REGISTERED,
-    Candidate,
-    GateDecision,
-    Reevaluation,
-    evaluate_gate,
-    metric,
-)
+from components.core.config import Config, RegistryConfig
+from components.core.workspace import workspace_config
+from registry.gate import Candidate, GateDecision, Reevaluation, evaluate_gate, metric
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 AUDIT_PREFIX = "metarec.audit."
 LAST_MOVE = "metarec.last_move"
-GATE_TAG = "metarec.gate"
 MODEL_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 LOCK_FILE = "registry.lock"
 # Moves that make their version champion, and the one that returns to the previous champion.
-_PROMOTING = ("promote", "force-promote", "recovered")
+PROMOTING = ("promote", "force-promote", "recovered")
 _ROLLBACK = "rollback"
 # SQL stores cap a version's description at 5000 characters; the full card stays in bundle.json.
 _DESCRIPTION_MAX = 5000
@@ -107,7 +100,7 @@ def champion_history(events: list[dict[str, Any]]) -> list[str]:
     stack: list[str] = []
     for event in events:
         action, version = event.get("action"), str(event.get("version"))
-        if action in _PROMOTING:
+        if action in PROMOTING:
             if not stack or stack[-1] != version:
                 stack.append(version)
         elif action == _ROLLBACK:
@@ -721,54 +714,6 @@ class Registry:
             event = self._move_champion(target, champion, _ROLLBACK, why, events, compared, [])
             return Move(True, target, champion, None, event)
 
-    def gate(self, ref: str | int, reason: str, measurer: Measurer | None = None) -> dict[str, Any]:
-        """Gate a version against the champion, promote it if it passes, keep the decision on it.
-
-        With a ``measurer`` and another champion the gate runs in ``reevaluated`` mode (both measured
-        now, side by side), else in ``registered`` mode. A version that already is champion (a retry
-        after its promotion) reports the promotion that made it so instead of gating again.
-
-        Returns:
-            ``{"version", "promoted", "champion", "gate", "reasons", "decision"}``.
-        """
-        version = str(self.version(ref).version)
-        champion = self.aliases().get(CHAMPION)
-        if champion == version:
-            decision, promoted = self._promotion_of(version), True
-        else:
-            try:
-                reevaluation = self.reevaluate(version, measurer) if measurer and champion else None
-            except BundleError as exc:
-                bad = GateDecision(False, [f"FAIL: bundle integrity: {exc}"], {"mode": REEVALUATED})
-                decision, promoted = bad, False
-            else:
-                move = self.promote(version, reason=reason, reevaluation=reevaluation)
-                decision, promoted = move.decision or GateDecision(False, [], {}), move.moved
-        tag = self.record_gate(version, decision)
-        return {
-            "version": version,
-            "promoted": promoted,
-            "champion": self.aliases().get(CHAMPION),
-            "gate": tag["gate"],
-            "reasons": decision.reasons,
-            "decision": tag,
-        }
-
-    def record_gate(self, version: str, decision: GateDecision) -> dict[str, Any]:
-        """Keep a gate decision on its version as the ``metarec.gate`` tag; return the tag's content."""
-        tag = {**decision.to_dict(), "gate": decision.compared.get("mode") or REGISTERED}
-        self.client.set_model_version_tag(
-            self.name, version, GATE_TAG, json.dumps(tag, sort_keys=True, default=str)
-        )
-        return tag
-
-    def _promotion_of(self, version: str) -> GateDecision:
-        """The decision recorded with the latest move that made ``version`` champion."""
-        moves = [e for e in self.audit(version) if e.get("action") in _PROMOTING]
-        last = moves[-1] if moves else {}
-        compared = last.get("compared") or {}
-        return GateDecision(True, list(last.get("reasons") or []), dict(compared))
-
 
 def open_registry(workspace: str | Path, config: Config | None = None, must_exist: bool = False) -> Registry:
     """The registry of a workspace, configured by its ``params.yaml`` unless ``config`` is given.
@@ -777,31 +722,7 @@ def open_registry(workspace: str | Path, config: Config | None = None, must_exis
         RegistryError: ``must_exist`` and the workspace has no MLflow store yet.
     """
     ws = Path(workspace).resolve()
-    if config is None:
-        params = ws / "params.yaml"
-        config = load_config(params) if params.exists() else Config()
+    config = workspace_config(ws, missing_ok=True) if config is None else config
     if must_exist and not config.tracking.uri and not (ws / "mlflow.db").exists():
         raise RegistryError(f"no MLflow store in {ws}; run `metarec run` first")
     return Registry(ws, config)
-
-
-def register_and_gate(
-    workspace: str | Path,
-    bundle_dir: str | Path,
-    run_id: str | None,
-    config: Config | None = None,
-    measurer: Measurer | None = None,
-) -> dict[str, Any]:
-    """Register a bundle as challenger, gate it against the champion and promote it if it passes.
-
-    The training flow's last step, and the retrain flow's with a ``measurer`` (``reevaluated`` mode).
-    Idempotent per training run: a retry registers no second version and resumes the gate. The
-    decision is kept on the version as ``metarec.gate``.
-
-    Returns:
-        ``{"version", "promoted", "champion", "gate", "reasons", "decision"}``.
-    """
-    registry = open_registry(workspace, config)
-    mv = registry.register(bundle_dir, run_id)
-    why = "passed the re-evaluation gate after retraining" if measurer else "passed the gate after training"
-    return registry.gate(mv.version, why, measurer)

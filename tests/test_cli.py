@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,7 +100,47 @@ def test_recommend_rejects_unknown_user_and_k(trained_workspace: TrainedWorkspac
     code, output = invoke("recommend", "-w", ws, "--all-users", "--k", "9", "--out", str(tmp_path / "x.csv"))
     assert code == 1
     assert "--k must be in 1..8" in output
+    code, output = invoke("recommend", "-w", ws, "--all-users", "--explain", "--out", str(tmp_path / "x.csv"))
+    assert code == 1
+    assert "--explain needs the fusion model" in output
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_recommend_with_the_fusion_model_is_the_served_engine(
+    metarec_workspace: TrainedWorkspace, tmp_path: Path
+) -> None:
+    """The fusion model ranks and explains offline with its bundle's engine; a stale bundle is refused."""
+    from components.bundle.engine import load_bundle
+
+    metarec_workspace.check()
+    ws, out = metarec_workspace.path, tmp_path / "r.csv"
+    code, output = invoke(
+        "recommend", "-w", str(ws), "--all-users", "--k", "3", "--explain", "--out", str(out)
+    )
+    assert code == 0, output
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    engine, seen = load_bundle(ws / "models" / "bundle"), seen_items(ws)
+    for user, rows in frame.groupby("user_id"):
+        served = [(r["item_id"], r["explanation"] or "") for r in engine.recommend(str(user), 3)]
+        assert list(zip(rows.item_id, rows.explanation, strict=True)) == served, user
+        assert not set(rows.item_id) & seen[str(user)]
+    assert frame.explanation.str.len().gt(0).any()
+    cold = engine.recommend(None, 4, profile={"occupation": "writer"}, history=["i1"])
+    code, output = invoke(
+        "recommend", "-w", str(ws), "--profile", "occupation=writer", "--history", "i1", "--k", "4"
+    )
+    assert code == 0 and [r["item_id"] for r in json.loads(output)["items"]] == [r["item_id"] for r in cold]
+
+    copy = tmp_path / "ws"
+    shutil.copytree(ws / "models", copy / "models")
+    model_json = copy / "models" / "current" / "model.json"
+    model_json.write_text(model_json.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # retrained
+    code, output = invoke("recommend", "-w", str(copy), "--user", "u1", "--out", str(tmp_path / "s.csv"))
+    output = " ".join(output.split())  # the console wraps long lines
+    assert code == 1 and "is stale (model.json differ" in output and "run `metarec run`" in output
+    shutil.rmtree(copy / "models" / "bundle")
+    code, output = invoke("recommend", "-w", str(copy), "--profile", "age=30", "--k", "2")
+    assert code == 1 and "no usable serving bundle" in " ".join(output.split())
 
 
 def test_recommend_without_a_trained_model(tmp_path: Path) -> None:

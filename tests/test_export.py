@@ -22,25 +22,21 @@ from components.bundle.export import (
     SCORER_INPUTS,
     SCORER_OUTPUTS,
     SKIP_FILE,
-    OnnxEncoder,
-    OnnxScorer,
     ParityError,
     check_cosine,
     check_max_abs,
     check_relative,
     check_scorer_parity,
-    evaluate_onnx,
     export_encoder,
     export_scorer,
     mean_cosine,
     parity_metric,
     quantise_int8,
-    run_scorer,
     scorer_latency,
-    session,
     write_skip,
 )
-from components.core.storage import read_json
+from components.bundle.runtime import ENCODER_JSON, OnnxEncoder, OnnxScorer
+from components.core.storage import read_json, write_json
 from components.evaluation import protocol as evaluate
 from components.model.features import CONSTANT, HISTORY, Channel, FeatureBank
 from components.model.net import FusionNet, NetConfig
@@ -158,6 +154,7 @@ def encoder_files(encoder: Encoder, tmp_path_factory: pytest.TempPathFactory) ->
     fp32 = export_encoder(encoder.model, out / "encoder.fp32.onnx", pad_id)
     int8 = quantise_int8(fp32, out / "encoder.onnx", out / "work")
     encoder.tokenizer.save_pretrained(str(out / "tokenizer"))
+    write_json(out / ENCODER_JSON, {"max_length": 16, "pad_id": pad_id})  # as a bundle holds them
     return {"fp32": fp32, "int8": int8, "tokenizer": out / "tokenizer" / "tokenizer.json"}
 
 
@@ -173,9 +170,10 @@ def test_scorer_onnx_matches_torch(
     profile = rng.standard_normal((N_USERS, TEXT_DIM)).astype(np.float32)
     features = bank.rows(history[users], users)
     assert np.abs(features[:, 1]).sum() > 0  # the attribute channel reaches the export
-    sess = session(scorer_path)
-    scores, gates = run_scorer(sess, history[users].toarray(), profile[users], features)
+    scorer = OnnxScorer(scorer_path, bank, profile)
+    scores, gates = scorer(history[users].toarray(), profile[users], features)
     assert scores.shape == (batch, N_ITEMS) and gates.shape == (batch, 3)
+    assert np.array_equal(scorer.score(users, history), scores)  # the evaluate protocol's path
 
     model = MetarecRecommender(net, bank, profile, history)
     expected = model.score(users, history)
@@ -186,7 +184,7 @@ def test_scorer_onnx_matches_torch(
         want_gates = torch.nn.functional.softplus(net.path_bias + user @ net.path_user).numpy()
     assert np.max(np.abs(gates - want_gates)) <= 1e-4
     assert gates.std(axis=0).max() > 1e-3 or batch == 1  # really per user, not a constant
-    assert check_scorer_parity(net, sess, history[users].toarray(), profile[users], features, 1e-4) <= 1e-4
+    assert check_scorer_parity(net, scorer, history[users].toarray(), profile[users], features, 1e-4) <= 1e-4
 
 
 def test_scorer_graph_has_named_dynamic_batch(scorer_path: Path) -> None:
@@ -206,31 +204,31 @@ def test_scorer_graph_has_named_dynamic_batch(scorer_path: Path) -> None:
 
 def test_gates_are_zero_without_paths(bank: FeatureBank, rng: np.random.Generator, tmp_path: Path) -> None:
     net = make_net(use_paths=False)
-    sess = session(export_scorer(net, tmp_path / "scorer.onnx"))
     history = make_history(rng)
     users = np.arange(4)
     profile = rng.standard_normal((4, TEXT_DIM)).astype(np.float32)
+    scorer = OnnxScorer(export_scorer(net, tmp_path / "scorer.onnx"), bank, profile)
     features = bank.rows(history[users], users)
-    scores, gates = run_scorer(sess, history[users].toarray(), profile, features)
+    scores, gates = scorer(history[users].toarray(), profile, features)
     assert np.all(gates == 0.0) and gates.shape == (4, 3)
-    assert check_scorer_parity(net, sess, history[users].toarray(), profile, features, 1e-4) <= 1e-4
+    assert check_scorer_parity(net, scorer, history[users].toarray(), profile, features, 1e-4) <= 1e-4
 
 
 def test_scorer_parity_failure_is_a_clear_error(
     bank: FeatureBank, rng: np.random.Generator, tmp_path: Path
 ) -> None:
     net = make_net(seed=3)
-    sess = session(export_scorer(net, tmp_path / "scorer.onnx"))
     history = make_history(rng)
     users = np.arange(3)
     profile = rng.standard_normal((3, TEXT_DIM)).astype(np.float32)
+    scorer = OnnxScorer(export_scorer(net, tmp_path / "scorer.onnx"), bank, profile)
     features = bank.rows(history[users], users)
     with torch.no_grad():
         net.id_bias.add_(0.01)  # the torch model moves on; the exported file no longer matches it
     with pytest.raises(
         ParityError, match=r"scorer scores: ONNX vs torch max-abs difference 0\.01 > tolerance"
     ):
-        check_scorer_parity(net, sess, history[users].toarray(), profile, features, 1e-3)
+        check_scorer_parity(net, scorer, history[users].toarray(), profile, features, 1e-3)
     with pytest.raises(ParityError, match="shape"):
         check_max_abs("x", np.zeros((2, 3)), np.zeros((3, 2)), 1.0)
     with pytest.raises(ParityError, match="max-abs"):
@@ -249,10 +247,10 @@ def test_onnx_scorer_evaluates_like_torch(
     data = evaluate.EvalData(history, valid, test)
     profile = rng.standard_normal((N_USERS, TEXT_DIM)).astype(np.float32)
     torch_model = MetarecRecommender(net, bank, profile, history)
-    onnx_model = OnnxScorer(session(scorer_path, 2), bank, profile)
+    onnx_model = OnnxScorer(scorer_path, bank, profile, 2)
     ks = [2, 5]
     want = evaluate.evaluate(torch_model, data, "test", ks, [5], block_size=4)["overall"]
-    got = evaluate_onnx(onnx_model, data, "test", ks, [5], block_size=4)["overall"]
+    got = evaluate.evaluate(onnx_model, data, "test", ks, [5], block_size=4)["overall"]
     name = parity_metric(ks)
     assert name == "ndcg@2" and parity_metric([10, 20]) == "ndcg@10"
     assert check_relative(name, want[name], got[name], 0.01) <= 1e-6
@@ -272,12 +270,13 @@ def test_scorer_latency_reports_percentiles(
     users = np.asarray([0])
     profile = rng.standard_normal((1, TEXT_DIM)).astype(np.float32)
     feeds = (history[users].toarray(), profile, bank.rows(history[users], users))
-    out = scorer_latency(session(scorer_path), *feeds, runs=50, warmup=5)
+    scorer = OnnxScorer(scorer_path, bank, profile)
+    out = scorer_latency(scorer, *feeds, runs=50, warmup=5)
     assert 0 < out["p50_ms"] <= out["p99_ms"] and out["mean_ms"] > 0
-    best = scorer_latency(session(scorer_path), *feeds, runs=50, warmup=0, rounds=3)
+    best = scorer_latency(scorer, *feeds, runs=50, warmup=0, rounds=3)
     assert 0 < best["p50_ms"] <= best["p99_ms"]
     with pytest.raises(ValueError, match="positive"):
-        scorer_latency(session(scorer_path), *feeds, runs=10, rounds=0)
+        scorer_latency(scorer, *feeds, runs=10, rounds=0)
 
 
 # ---------------------------------------------------------------- encoder
@@ -292,9 +291,12 @@ def test_encoder_fp32_onnx_matches_torch(encoder: Encoder, encoder_files: dict[s
         assert [d.dim_param for d in tensor.type.tensor_type.shape.dim] == ["batch", "sequence"]
     pad_id = int(encoder.tokenizer.pad_token_id)
     onnx_encoder = OnnxEncoder(encoder_files["fp32"], encoder_files["tokenizer"], 16, pad_id, batch_size=3)
-    # Same token ids from the `tokenizers` library as from the transformers tokenizer (truncation too).
+    # Same token ids from the `tokenizers` library as from the transformers tokenizer (truncation too),
+    # right-padded with the padding id.
     hf = encoder.tokenizer(TEXTS, truncation=True, max_length=16)["input_ids"]
-    assert [e.ids for e in onnx_encoder.tokenizer.encode_batch(TEXTS)] == hf
+    encoded = onnx_encoder.tokenizer.encode_batch(TEXTS)
+    assert [e.ids[: sum(e.attention_mask)] for e in encoded] == hf
+    assert {e.ids[-1] for e in encoded if e.attention_mask[-1] == 0} == {pad_id}
     assert max(len(r) for r in hf) == 16 and min(len(r) for r in hf) < 8  # truncated and padded rows
 
     want = encoder.encode(TEXTS)
@@ -314,6 +316,10 @@ def test_int8_encoder_runs_and_is_close(encoder: Encoder, encoder_files: dict[st
     pad_id = int(encoder.tokenizer.pad_token_id)
     int8 = OnnxEncoder(encoder_files["int8"], encoder_files["tokenizer"], 16, pad_id, batch_size=3)
     got = int8.encode(TEXTS)
+    # The bundle's loader (what the serving engine calls) reads the same settings from encoder.json.
+    assert np.array_equal(
+        OnnxEncoder.from_bundle(encoder_files["int8"].parent, batch_size=3).encode(TEXTS), got
+    )
     assert got.shape == (len(TEXTS), 32) and np.all(np.isfinite(got))
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     cosine = mean_cosine(encoder.encode(TEXTS), got)

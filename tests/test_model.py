@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from components.core.config import MetarecConfig
 from components.data.kg import INTERACTED, HeteroGraph, Relation, binary_matrix, with_interactions
 from components.evaluation.metrics import compute_metrics
 from components.evaluation.ranking import rank_all
@@ -36,8 +37,8 @@ PREQUEL = "interacted|~item.prequel"  # length 2
 TEXT_DIM = 8
 N_USERS, N_ITEMS = 60, 40
 COLD_ITEM = 0  # never interacted with in the random dataset
-SMALL = TrainConfig(
-    epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25, eval_metric="ndcg@10", threads=2
+SMALL = TrainConfig.from_section(
+    MetarecConfig(epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25), seed=0, eval_metric="ndcg@10"
 )
 
 

@@ -22,6 +22,7 @@ from components.data.kg import HeteroGraph, Relation, save_graph
 from components.drift import reference as monitoring
 from components.retrain import DataVersions, append_version, ensure_base, new_interactions, read_inter
 from components.serving.feedback import FeedbackEvent, SQLiteFeedbackStore
+from registry import promotion
 
 N_ITEMS, N_NEW, N_USERS, N_GENRES, DIM = 300, 120, 200, 10, 8
 WINDOW = 1500
@@ -217,7 +218,7 @@ def test_monitor_flow_reports_emits_and_starts_the_retrain_deployment(
     ws = tmp_path / "ws"
     ws.mkdir()
     _flood_store(world, ws / "feedback" / "feedback.db")
-    monkeypatch.setattr(monitoring, "champion_bundle", lambda workspace, cfg: ("3", bundle))
+    monkeypatch.setattr(promotion, "champion_bundle", lambda workspace, cfg: ("3", bundle))
     cfg = Config()
     # The deployments `metarec deploy` serves, registered on the test server (not executed here).
     monitor_dep, retrain_dep = deployments(ws, cfg)
@@ -270,7 +271,7 @@ def test_monitor_flow_without_drift_emits_nothing(
     store = SQLiteFeedbackStore(ws / "feedback" / "feedback.db")
     store.write(world.ratings(np.random.default_rng(9), 0.0))
     store.close()
-    monkeypatch.setattr(monitoring, "champion_bundle", lambda workspace, cfg: ("3", bundle))
+    monkeypatch.setattr(promotion, "champion_bundle", lambda workspace, cfg: ("3", bundle))
     result = monitor(workspace=str(ws), window="quiet", trigger="run_deployment")
     assert not result["drifted"] and result["event_id"] is None and result["triggered"] is None
     assert result["window"] == "quiet"

@@ -25,6 +25,7 @@ from components.bundle.format import MANIFEST, BundleError, verify_bundle, write
 from components.core.config import Config, RegistryConfig
 from metarec.cli import app
 from registry.gate import Candidate, Reevaluation, eval_fingerprint, evaluate_gate
+from registry.promotion import gate, register_and_gate
 from registry.store import (
     AUDIT_PREFIX,
     CHALLENGER,
@@ -35,7 +36,6 @@ from registry.store import (
     RegistryError,
     champion_history,
     open_registry,
-    register_and_gate,
 )
 
 METAREC = Path(sys.executable).parent / "metarec"
@@ -566,11 +566,11 @@ def test_register_and_gate_and_corrupted_bundle(
         "score",
     ]
 
-    # Serving: the pyfunc verifies the bundle, hands it to components.bundle.load_bundle (a stand-in
-    # engine here) and turns its recommendations into the signature's columns.
-    loader = types.ModuleType("components.bundle")
+    # Serving: the pyfunc verifies the bundle, hands it to components.bundle.engine.load_bundle (a
+    # stand-in engine here) and turns its recommendations into the signature's columns.
+    loader = types.ModuleType("components.bundle.engine")
     loader.load_bundle = lambda path: FakeEngine(path)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "components.bundle", loader)
+    monkeypatch.setitem(sys.modules, "components.bundle.engine", loader)
     served = mlflow.pyfunc.load_model(reg.champion_uri())
     out = served.predict(pd.DataFrame({"user_id": ["7", "8"], "k": [2, 3]}))
     assert list(out.columns) == ["user_id", "item_id", "rank", "score"]
@@ -721,7 +721,7 @@ def test_register_and_gate_reevaluates_the_champion_after_a_retrain(store: Store
 
     # Measured better, it is promoted through the gate: an ordinary audited promotion, no force.
     better = TableMeasurer({0.30: {"ndcg": 0.31, "cold": 0.3}, 0.50: {"ndcg": 0.33, "cold": 0.3}}, NEW_DATA)
-    again = reg.gate("2", "retrain", better)
+    again = gate(reg, "2", "retrain", better)
     assert again["promoted"] and again["champion"] == "2", again["reasons"]
     event = reg.audit("2")[-1]
     assert event["action"] == "promote" and event["compared"]["mode"] == "reevaluated"

@@ -26,8 +26,9 @@ import yaml
 
 from components.bundle.format import MANIFEST, write_manifest
 from components.core.config import Config, load_config
-from components.retrain import BundleScorer, SplitReevaluator, register_and_gate_new_data
-from registry.store import CHAMPION, open_registry, register_and_gate
+from components.retrain import BundleScorer, SplitReevaluator
+from registry.promotion import register_and_gate
+from registry.store import CHAMPION, open_registry
 from tests.conftest import TrainedWorkspace
 
 # New feedback: (user, item) pairs in none of the split's parts, appended to train after its last event.
@@ -168,7 +169,8 @@ def test_a_challenger_trained_on_worse_data_is_refused_after_a_retrain(retrain: 
     assert first["promoted"] and first["gate"] == "registered"
 
     # The retrained model: measured with the champion on the new split, it wins; an ordinary promotion.
-    good = register_and_gate_new_data(ws, cfg, bundles["good"], _run(ws, cfg))
+    split = SplitReevaluator(ws, cfg)  # the retrain flow's measurer: the gate's reevaluated mode
+    good = register_and_gate(ws, bundles["good"], _run(ws, cfg), cfg, split)
     assert good["promoted"] and good["gate"] == "reevaluated", good["reasons"]
     reg = open_registry(ws, cfg)
     assert reg.aliases()[CHAMPION] == good["version"]
@@ -177,7 +179,7 @@ def test_a_challenger_trained_on_worse_data_is_refused_after_a_retrain(retrain: 
     # Trained on worse data, its own metrics claim far more than the champion measures on this split,
     # but measured beside the champion with the same histories it ranks none of the split's items.
     run_id = _run(ws, cfg)
-    broken = register_and_gate_new_data(ws, cfg, bundles["broken"], run_id)
+    broken = register_and_gate(ws, bundles["broken"], run_id, cfg, split)
     measured = broken["decision"]["compared"]["reevaluation"]["measured"]
     champion_now = measured[good["version"]][primary]
     assert broken["decision"]["compared"][primary]["registered"] == 0.99 > champion_now
@@ -189,13 +191,13 @@ def test_a_challenger_trained_on_worse_data_is_refused_after_a_retrain(retrain: 
     assert not [e for e in reg.audit() if e["action"] == "force-promote"]
 
     # A retried task registers nothing new and gates again the same way.
-    retried = register_and_gate_new_data(ws, cfg, bundles["broken"], run_id)
+    retried = register_and_gate(ws, bundles["broken"], run_id, cfg, split)
     assert retried["version"] == broken["version"] and not retried["promoted"]
     assert len(reg.versions()) == 3
 
     # The same model again: measured with the same information, it measures the same; a tie keeps
     # the incumbent.
-    twin = register_and_gate_new_data(ws, cfg, bundles["twin"], _run(ws, cfg))
+    twin = register_and_gate(ws, bundles["twin"], _run(ws, cfg), cfg, split)
     measured = twin["decision"]["compared"]["reevaluation"]["measured"]
     ours, theirs = measured[twin["version"]], measured[good["version"]]
     assert (

@@ -89,7 +89,7 @@ def _offline(workspace: Path, tmp: Path, k: int) -> dict[str, list[tuple[str, fl
 
 
 def test_served_lists_equal_offline_recommend(server: str, workspace: Path, tmp_path: Path) -> None:
-    """The champion served by ONNX Runtime ranks exactly like `metarec recommend` on the torch model."""
+    """The champion served through the registry and HTTP ranks exactly like `metarec recommend` offline."""
     offline = _offline(workspace, tmp_path, 3)
     assert offline
     for user, expected in offline.items():

@@ -6,6 +6,7 @@ created here, so every test runs in well under a second on two cores.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -15,8 +16,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from components.core.config import FinetuneSection
 from components.data import ingest, kg
 from components.data.kg import HeteroGraph, Relation
 from components.text import verbalise
@@ -319,18 +322,19 @@ def easy_pairs() -> PairSet:
     return PairSet(queries, np.arange(n), candidates, np.arange(n), [np.empty(0, dtype=np.int64)] * n)
 
 
-CFG = FinetuneConfig(
-    r=4,
-    alpha=8,
-    dropout=0.1,
-    lr=2e-2,
-    steps=8,
-    batch_size=8,
-    temperature=0.1,
-    warmup_steps=1,
+CFG = FinetuneConfig.from_section(
+    FinetuneSection(
+        r=4,
+        alpha=8,
+        lr=2e-2,
+        steps=8,
+        batch_size=8,
+        temperature=0.1,
+        warmup_steps=1,
+        max_length=16,
+        checkpoint_every=4,
+    ),
     seed=7,
-    max_length=16,
-    checkpoint_every=4,
 )
 
 
@@ -395,19 +399,22 @@ def test_resume_reproduces_uninterrupted_run(
     got = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
-    sparser = FinetuneConfig(**{**CFG.to_dict(), "checkpoint_every": 0})  # cadence is not part of the run
+    sparser = dataclasses.replace(CFG, checkpoint_every=0)  # cadence is not part of the run
     assert (
         finetune(ref, easy_pairs(), sparser, tmp_path / "b", resume_from=checkpoint).losses == result.losses
     )
-    other = FinetuneConfig(**{**CFG.to_dict(), "lr": 1e-3})
+    other = dataclasses.replace(CFG, lr=1e-3)
     with pytest.raises(ValueError, match="different config"):
         finetune(ref, easy_pairs(), other, tmp_path / "other", resume_from=checkpoint)
 
 
-def test_finetune_config_validation() -> None:
-    with pytest.raises(ValueError, match="batch_size=1"):
-        FinetuneConfig(batch_size=1)
-    with pytest.raises(ValueError, match="unknown fine-tuning config key"):
-        FinetuneConfig.from_dict({"rank": 8})
-    assert FinetuneConfig.from_dict(CFG.to_dict()) == CFG
+def test_finetune_config_is_the_section_plus_seed() -> None:
+    for bad in ({"batch_size": 1}, {"warmup_steps": 9, "steps": 8}, {"rank": 8}, {"max_length": 1}):
+        with pytest.raises(ValidationError):
+            FinetuneSection.model_validate(bad)
+    section = FinetuneSection()
+    assert FinetuneConfig.from_section(section, 3).to_dict() == {
+        **section.model_dump(exclude={"enabled", "max_pairs_per_user", "valid_users"}),
+        "seed": 3,
+    }
     assert lr_factor(0, CFG) == pytest.approx(0.5) and lr_factor(1, CFG) == pytest.approx(1.0)

@@ -19,24 +19,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components.data.kg import INTERACTED, HeteroGraph, load_graph
+from components.bundle.runtime import SCORER_ONNX, OnnxEncoder, OnnxScorer
+from components.data.kg import INTERACTED, HeteroGraph, Relation, load_graph
 from components.metapaths.counting import damped_matrix
 from components.metapaths.explain import INSTANCE_DAMPING, Namer, render
 from components.metapaths.schema import Metapath, parse
 from components.model.features import HISTORY, FeatureBank
 
-SCORER = "scorer.onnx"
-ENCODER = "encoder.onnx"
 SEEN = "seen.npz"
-
-
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _coo_matrix(data: Any, prefix: str) -> sp.csr_matrix:
@@ -125,15 +115,12 @@ class BundleEngine:
         if (directory / SEEN).exists():
             with np.load(directory / SEEN, allow_pickle=False) as data:
                 self.seen = _coo_matrix(data, "seen")
-        self.scorer = _session(directory / SCORER, threads)
-        self._encoder: Any = None
-        self._tokenizer: Any = None
+        self.scorer = OnnxScorer(directory / SCORER_ONNX, self.bank, self.profile, threads)
+        self._encoder: OnnxEncoder | None = None
         self._threads = threads
         self._lock = threading.Lock()
         graph = load_graph(directory / "graph")
         relations = dict(graph.relations)
-        from components.data.kg import Relation
-
         relations[INTERACTED] = Relation(INTERACTED, "user", "item", self.history, ["train split"])
         self.graph = HeteroGraph(graph.node_ids, relations)
         named = self.items.rename(columns={"title": "movie_title"}) if "title" in self.items else self.items
@@ -175,11 +162,11 @@ class BundleEngine:
         if user is None and profile is None and not history:
             raise KeyError(f"unknown user {user_id!r}")
         n_items = len(self._item_ids)
+        prof = None
+        attributes = None
         if user is not None:
             hist = self.history[user].tolil()
             seen = self.seen[user].toarray().ravel() > 0
-            prof = self.profile[user]
-            attributes = None
         else:
             hist = sp.lil_matrix((1, n_items), dtype=np.float32)
             seen = np.zeros(n_items, dtype=bool)
@@ -189,15 +176,8 @@ class BundleEngine:
             hist[0, item] = 1.0
         seen[extra] = True
         history_row = sp.csr_matrix(hist, dtype=np.float32)
-        feats = self.bank.rows(history_row, None if user is None else np.asarray([user]), attributes)
-        scores, gates = self.scorer.run(
-            ["scores", "gates"],
-            {
-                "history": history_row.toarray().astype(np.float32),
-                "profile": prof[None, :].astype(np.float32),
-                "features": feats,
-            },
-        )
+        users = None if user is None else np.asarray([user])
+        scores, gates, feats = self.scorer.score_rows(history_row, users, prof, attributes)
         row = scores[0].astype(np.float64)
         row[seen] = -np.inf
         k = min(int(k), int((~seen).sum()))
@@ -278,28 +258,11 @@ class BundleEngine:
         return self.encode([text])[0]
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Embed texts with the bundle's ONNX encoder (loaded on first use)."""
+        """Embed texts with the bundle's int8 ONNX encoder (loaded on first use)."""
         with self._lock:
             if self._encoder is None:
-                from tokenizers import Tokenizer
-
-                meta = json.loads((self.directory / "encoder.json").read_text(encoding="utf-8"))
-                tokenizer = Tokenizer.from_file(str(self.directory / "tokenizer" / "tokenizer.json"))
-                tokenizer.enable_truncation(int(meta.get("max_length", 128)))
-                tokenizer.enable_padding(pad_id=int(meta.get("pad_id", 0)))
-                self._tokenizer, self._encoder_meta = tokenizer, meta
-                self._encoder = _session(self.directory / ENCODER, self._threads)
-        encoded = self._tokenizer.encode_batch(texts)
-        feeds = {
-            "input_ids": np.asarray([e.ids for e in encoded], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in encoded], dtype=np.int64),
-        }
-        names = {i.name for i in self._encoder.get_inputs()}
-        if "token_type_ids" in names:
-            feeds["token_type_ids"] = np.asarray([e.type_ids for e in encoded], dtype=np.int64)
-        feeds = {k: v for k, v in feeds.items() if k in names}
-        (vectors,) = self._encoder.run(None, feeds)
-        return np.asarray(vectors, dtype=np.float32)
+                self._encoder = OnnxEncoder.from_bundle(self.directory, threads=self._threads)
+        return self._encoder.encode(texts)
 
 
 def load_bundle(directory: str | Path, version: str = "", threads: int = 1) -> BundleEngine:

@@ -18,6 +18,7 @@ Parity is checked before anything is kept, and a violation raises :class:`Parity
 stage with the previous bundle untouched: fp32 ONNX against torch (max-abs difference of scores, gates
 and embeddings), int8 embeddings against the torch fp32 ones (mean cosine over all item texts), and the
 test NDCG@10 of the ONNX scorer against the torch model's in ``metrics.json`` (relative difference).
+Every ONNX file is run through :mod:`components.bundle.runtime`, the code that serves it.
 """
 
 from __future__ import annotations
@@ -33,36 +34,35 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch import nn
 
+from components.bundle.format import MODEL_FILES, write_manifest
+from components.bundle.runtime import (
+    ENCODER_JSON,
+    ENCODER_ONNX,
+    SCORER_INPUTS,
+    SCORER_ONNX,
+    SCORER_OUTPUTS,
+    TOKENIZER_DIR,
+    OnnxEncoder,
+    OnnxScorer,
+)
 from components.core.storage import read_json, write_json
 from components.evaluation import protocol as evaluate
 
-if TYPE_CHECKING:  # onnxruntime and the stage helpers are imported where they are used
-    import onnxruntime as ort
-
+if TYPE_CHECKING:  # the stage helpers are imported where they are used
     from components.baselines import Recommender
     from components.core.config import Config
     from components.core.workspace import Paths
-    from components.model.features import FeatureBank
     from components.model.net import FusionNet
 
 OPSET = 17
-ENCODER_ONNX = "encoder.onnx"
-SCORER_ONNX = "scorer.onnx"
-ENCODER_JSON = "encoder.json"
-TOKENIZER_DIR = "tokenizer"
 ITEM_EMBEDDINGS = "item_embeddings.npz"
 SKIP_FILE = "skipped.json"
-# Copied from the model directory as is (all plain JSON/NumPy, no pickle).
-MODEL_FILES = ("model.json", "features.json", "features.npz", "profiles.npz")
 # Encoder.encode feeds input_ids and attention_mask only (BERT then uses token type 0 everywhere), so
 # the exported graph takes exactly these two and serving never has to produce token type ids.
 ENCODER_INPUTS = ("input_ids", "attention_mask")
-SCORER_INPUTS = ("history", "profile", "features")
-SCORER_OUTPUTS = ("scores", "gates")
 
 
 class ParityError(RuntimeError):
@@ -202,32 +202,6 @@ def quantise_int8(fp32: Path, dest: Path, work_dir: Path) -> Path:
     return Path(dest)
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads and all graph optimisations."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # ORT warns about unused initialisers that folding left behind
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_scorer(
-    sess: ort.InferenceSession, history: np.ndarray, profile: np.ndarray, features: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, gates)`` of the ONNX scorer for dense float32 inputs."""
-    feeds = {
-        "history": np.ascontiguousarray(history, dtype=np.float32),
-        "profile": np.ascontiguousarray(profile, dtype=np.float32),
-        "features": np.ascontiguousarray(features, dtype=np.float32),
-    }
-    scores, gates = sess.run(list(SCORER_OUTPUTS), feeds)
-    return np.asarray(scores), np.asarray(gates)
-
-
 def check_max_abs(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> float:
     """Return the max-abs difference of two arrays, raising :class:`ParityError` above ``tolerance``."""
     if reference.shape != candidate.shape:
@@ -240,7 +214,7 @@ def check_max_abs(name: str, reference: np.ndarray, candidate: np.ndarray, toler
 
 def check_scorer_parity(
     net: FusionNet,
-    sess: ort.InferenceSession,
+    scorer: OnnxScorer,
     history: np.ndarray,
     profile: np.ndarray,
     features: np.ndarray,
@@ -253,7 +227,7 @@ def check_scorer_parity(
             torch.from_numpy(np.asarray(profile, np.float32)),
             torch.from_numpy(np.asarray(features, np.float32)),
         )
-    onnx_scores, onnx_gates = run_scorer(sess, history, profile, features)
+    onnx_scores, onnx_gates = scorer(history, profile, features)
     return max(
         check_max_abs("scorer scores", scores.numpy(), onnx_scores, tolerance),
         check_max_abs("scorer gates", gates.numpy(), onnx_gates, tolerance),
@@ -287,100 +261,8 @@ def check_relative(name: str, reference: float, candidate: float, maximum: float
     return diff
 
 
-class OnnxEncoder:
-    """Encode texts with an exported encoder and the ``tokenizers`` library, as serving does.
-
-    Tokenisation (truncation to ``max_length``, no padding), length-sorted batching and right padding
-    mirror :meth:`components.text.encoder.Encoder.encode`, so the two agree up to numerics.
-    """
-
-    def __init__(
-        self,
-        onnx_path: Path,
-        tokenizer_json: Path,
-        max_length: int,
-        pad_id: int,
-        batch_size: int = 64,
-        threads: int = 1,
-    ) -> None:
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length)
-        self.session = session(onnx_path, threads)
-        self.pad_id = pad_id
-        self.batch_size = batch_size
-        self.dim = int(self.session.get_outputs()[0].shape[1])
-
-    @classmethod
-    def from_bundle(cls, bundle: Path, batch_size: int = 64, threads: int = 1) -> OnnxEncoder:
-        """The encoder of a bundle directory (``encoder.onnx``, ``tokenizer/``, ``encoder.json``)."""
-        meta = read_json(Path(bundle) / ENCODER_JSON)
-        return cls(
-            Path(bundle) / ENCODER_ONNX,
-            Path(bundle) / TOKENIZER_DIR / "tokenizer.json",
-            int(meta["max_length"]),
-            int(meta["pad_id"]),
-            batch_size,
-            threads,
-        )
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-norm embeddings ``(n, dim)`` float32 in input order."""
-        from components.text.encoder import check_texts
-
-        check_texts(texts)
-        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
-        order = np.argsort(-np.fromiter((len(r) for r in ids), np.int64, count=len(ids)), kind="stable")
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            width = max(len(ids[int(k)]) for k in rows)
-            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for r, k in enumerate(rows):
-                row = ids[int(k)]
-                input_ids[r, : len(row)] = row
-                mask[r, : len(row)] = 1
-            (emb,) = self.session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})
-            out[rows] = emb
-        return out
-
-
-class OnnxScorer:
-    """The ONNX scorer behind the baselines' ``score(users, history)`` interface (for evaluation)."""
-
-    def __init__(self, sess: ort.InferenceSession, bank: FeatureBank, profile: np.ndarray) -> None:
-        self.session = sess
-        self.bank = bank
-        self.profile = np.asarray(profile, dtype=np.float32)
-
-    def score(self, users: np.ndarray, history: sp.csr_matrix | None = None) -> np.ndarray:
-        """Scores ``(len(users), n_items)`` of known users from ``history`` (required)."""
-        if history is None:
-            raise ValueError("OnnxScorer needs the history matrix")
-        users = np.asarray(users, dtype=np.int64)
-        rows = sp.csr_matrix(history, dtype=np.float32)[users]
-        features = self.bank.rows(rows, users)
-        scores, _ = run_scorer(self.session, rows.toarray(), self.profile[users], features)
-        return scores
-
-
-def evaluate_onnx(
-    scorer: OnnxScorer,
-    data: evaluate.EvalData,
-    part: str,
-    ks: list[int],
-    activity_buckets: list[int],
-    block_size: int = 1024,
-) -> dict[str, Any]:
-    """:func:`components.evaluation.protocol.evaluate` with the ONNX scorer (it implements only ``score``)."""
-    return evaluate.evaluate(cast("Recommender", scorer), data, part, ks, activity_buckets, block_size)
-
-
 def scorer_latency(
-    sess: ort.InferenceSession,
+    scorer: OnnxScorer,
     history: np.ndarray,
     profile: np.ndarray,
     features: np.ndarray,
@@ -388,13 +270,13 @@ def scorer_latency(
     warmup: int = 20,
     rounds: int = 1,
 ) -> dict[str, float]:
-    """p50/p99/mean milliseconds of ``session.run`` on one fixed batch (feature computation excluded).
+    """p50/p99/mean milliseconds of the ONNX scorer on one fixed batch (feature computation excluded).
 
     With ``rounds`` > 1 the ``runs`` are timed that many times and the round with the lowest p99 is
     reported: on a shared machine a burst of someone else's work lands in one round, not in all.
     """
     for _ in range(warmup):
-        run_scorer(sess, history, profile, features)
+        scorer(history, profile, features)
     if rounds < 1 or runs < 1:
         raise ValueError(f"runs and rounds must be positive, got {runs} and {rounds}")
     results = []
@@ -402,7 +284,7 @@ def scorer_latency(
         times = np.empty(runs)
         for r in range(runs):
             start = time.perf_counter()
-            run_scorer(sess, history, profile, features)
+            scorer(history, profile, features)
             times[r] = time.perf_counter() - start
         ms = times * 1000.0
         results.append(
@@ -617,7 +499,6 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
         ParityError: A parity check failed; nothing in ``dest`` is to be kept.
         FileNotFoundError: The model or ``metrics.json`` is missing.
     """
-    from components.bundle.format import write_manifest
     from components.core import tracking
     from components.model.facade import load_parts
     from components.model.recommender import MetarecRecommender
@@ -637,17 +518,17 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
 
     # Scorer: export, then fp32 parity on a seeded sample of real users.
     scorer_path = export_scorer(net, dest / SCORER_ONNX, ex.opset)
-    batch_sess = session(scorer_path, ex.threads)
+    scorer = OnnxScorer(scorer_path, bank, model.profile, ex.threads)
     sample = np.sort(rng.choice(n_users, size=min(ex.parity_users, n_users), replace=False))
     rows = train[sample]
     max_abs_scorer = check_scorer_parity(
-        net, batch_sess, rows.toarray(), model.profile[sample], bank.rows(rows, sample), ex.max_abs_diff
+        net, scorer, rows.toarray(), model.profile[sample], bank.rows(rows, sample), ex.max_abs_diff
     )
 
     # NDCG parity: the evaluate stage's protocol with the ONNX scorer in place of torch.
     name = parity_metric(cfg.eval.ks)
-    onnx_eval = evaluate_onnx(
-        OnnxScorer(batch_sess, bank, model.profile),
+    onnx_eval = evaluate.evaluate(
+        cast("Recommender", scorer),
         loaded.data,
         "test",
         cfg.eval.ks,
@@ -658,11 +539,10 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
     ndcg_onnx = float(onnx_eval["overall"][name])
     ndcg_rel = check_relative(f"test {name}", ndcg_torch, ndcg_onnx, ex.max_ndcg_rel_diff)
 
-    # Latency: batch 1, one user's real inputs, session.run only.
+    # Latency: batch 1, one user's real inputs, the scorer's run only.
     one = np.asarray([sample[0]])
-    latency_sess = session(scorer_path, ex.latency_threads)
     latency = scorer_latency(
-        latency_sess,
+        OnnxScorer(scorer_path, bank, model.profile, ex.latency_threads),
         train[one].toarray(),
         model.profile[one],
         bank.rows(train[one], one),
@@ -705,9 +585,7 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
         fp32_enc.encode([parts.texts[int(k)] for k in picked]),
         ex.max_abs_diff,
     )
-    int8_enc = OnnxEncoder(
-        dest / ENCODER_ONNX, tokenizer_json, cfg.text.max_length, pad_id, cfg.text.batch_size, ex.threads
-    )
+    int8_enc = OnnxEncoder.from_bundle(dest, cfg.text.batch_size, ex.threads)  # as the engine loads it
     start = time.perf_counter()
     int8_vectors = int8_enc.encode(parts.texts)
     texts_per_s = len(parts.texts) / (time.perf_counter() - start)

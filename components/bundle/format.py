@@ -32,6 +32,8 @@ REQUIRED_FIELDS: dict[str, type] = {
     "model_card": str,
 }
 _CHUNK = 1 << 20
+# Copied into a bundle from the model directory as is (all plain JSON/NumPy, no pickle).
+MODEL_FILES = ("model.json", "features.json", "features.npz", "profiles.npz")
 
 
 class BundleError(ValueError):

@@ -1,20 +1,24 @@
-"""Offline inference: recommendations and explanations written from a workspace."""
+"""Offline inference from a workspace: the serving engine for the fusion model, ``score`` for baselines.
+
+The fusion model ranks and explains through :class:`components.bundle.engine.BundleEngine` over the
+workspace's ``models/bundle``, so a written list is the list the server would answer, explanations
+included. A baseline has no bundle (the export stage leaves a skip marker) and ranks with its own
+``score``, without explanations.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
-from components.core.config import load_config
 from components.core.storage import atomic_file
 from components.core.workspace import Paths
-from components.data import kg
-from components.model.facade import load_parts, load_trained
+
+if TYPE_CHECKING:
+    from components.bundle.engine import BundleEngine
 
 
 def _csv_text(text: str | None) -> str:
@@ -23,51 +27,38 @@ def _csv_text(text: str | None) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
-def offline_explainer(paths: Paths, model: Any) -> Any:
-    """The serving explainer over this workspace's graph and training history (fusion model only)."""
-    from components.bundle.engine import Explainer
-    from components.metapaths.explain import Namer
-
-    graph = kg.with_interactions(kg.load_graph(paths.graph), model.train)
-    return Explainer(graph, Namer(graph, pd.read_parquet(paths.processed / "items.parquet")))
+def _model_name(paths: Paths) -> str:
+    return str(json.loads((paths.model / "model.json").read_text(encoding="utf-8")).get("name", ""))
 
 
-def explain_items(
-    explainer: Any,
-    model: Any,
-    source_of: Callable[[Any], np.ndarray | None],
-    user: int | None,
-    items: np.ndarray,
-    contrib: np.ndarray,
-) -> list[str | None]:
-    """Top metapath instance per item, trying channels by contribution (``contrib``: items × channels).
+def workspace_engine(paths: Paths) -> BundleEngine:
+    """The workspace's bundle, verified and checked to be the export of ``models/current``.
 
-    ``source_of(channel)`` gives the user's source row for a channel (history or attribute one-hot),
-    or None when the user has none.
+    Its exclusions are the offline ones: the export writes each user's train + valid items into the
+    bundle (``seen.npz``), from the same split the model was trained on.
+
+    Raises:
+        BundleError: The bundle is missing, fails verification, or was exported from another model.
     """
-    from components.metapaths.schema import parse
+    from components.bundle.engine import SEEN, load_bundle
+    from components.bundle.format import MODEL_FILES, BundleError, file_sha256
 
-    schema = explainer.graph.schema
-    notes: list[str | None] = [None] * len(items)
-    for j, item in enumerate(items):
-        for c in np.argsort(-contrib[j]):
-            channel = model.bank.channels[int(c)]
-            if contrib[j, c] <= 0 or channel.kind != "metapath" or not channel.metapath_id:
-                continue
-            source = source_of(channel)
-            if source is None:
-                continue
-            path = parse(channel.metapath_id, schema)
-            start = -1 if user is None else user
-            text = explainer.instances(path, np.asarray(source, np.float64), np.asarray([item]), start)[0]
-            if text is not None:
-                notes[j] = text
-                break
-    return notes
+    rerun = "run `metarec run` to export the trained model"
+    try:
+        engine = load_bundle(paths.bundle)
+    except BundleError as exc:
+        raise BundleError(f"no usable serving bundle for the fusion model ({exc}); {rerun}") from None
+    files = engine.manifest["files"]
+    stale = [f for f in MODEL_FILES if files.get(f) != file_sha256(paths.model / f)]
+    if stale or SEEN not in files:  # a bundle without seen.npz predates the train+valid exclusion
+        what = f"{', '.join(stale)} differ from {paths.model}" if stale else f"no {SEEN}"
+        raise BundleError(f"{paths.bundle} is stale ({what}); {rerun}")
+    return engine
 
 
-def _row(matrix: sp.csr_matrix | None) -> np.ndarray | None:
-    return None if matrix is None else np.asarray(matrix.toarray()).ravel()
+def _check_k(k: int, n_items: int) -> None:
+    if not 1 <= k <= n_items:
+        raise ValueError(f"--k must be in 1..{n_items}, got {k}")
 
 
 def recommend(
@@ -82,16 +73,37 @@ def recommend(
 
     Items the user interacted with in train or valid are excluded, as in test evaluation. With
     ``explain`` (fusion model only) each row carries the top metapath instance behind the item.
+    ``block_size`` is the number of users a baseline scores at once.
     """
+    if _model_name(paths) != "metarec":
+        if explain:
+            raise ValueError("--explain needs the fusion model (model.name=metarec)")
+        return _recommend_baseline(paths, k, out, user_ids, block_size)
+    engine = workspace_engine(paths)
+    _check_k(k, len(engine.item_ids))
+    if user_ids is None:
+        user_ids = engine.users.user_id.astype(str).tolist()
+    unknown = [u for u in user_ids if not engine.known_user(u)]
+    if unknown:
+        raise ValueError(f"unknown user ids: {', '.join(unknown[:10])}")
+    rows = 0
+    with atomic_file(out) as handle:
+        handle.write("user_id,item_id,rank,score" + (",explanation\n" if explain else "\n"))
+        for user in user_ids:
+            for rec in engine.recommend(user, k, explain=explain):
+                line = f"{user},{rec['item_id']},{rec['rank']},{rec['score']:.6g}"
+                handle.write(line + (f",{_csv_text(rec['explanation'])}\n" if explain else "\n"))
+                rows += 1
+    return rows
+
+
+def _recommend_baseline(paths: Paths, k: int, out: Path, user_ids: list[str] | None, block_size: int) -> int:
     from components.evaluation.ranking import PAD, topk_items
+    from components.model.facade import load_parts, load_trained
 
     loaded = load_parts(paths)
     model = load_trained(paths.model)
-    if explain and getattr(model, "name", "") != "metarec":
-        raise ValueError("--explain needs the fusion model (model.name=metarec)")
-    n_items = len(loaded.items)
-    if not 1 <= k <= n_items:
-        raise ValueError(f"--k must be in 1..{n_items}, got {k}")
+    _check_k(k, len(loaded.items))
     index = dict(zip(loaded.users.user_id.astype(str), loaded.users.user, strict=True))
     if user_ids is None:
         users = loaded.users.user.to_numpy()
@@ -103,29 +115,17 @@ def recommend(
     exclude = loaded.data.exclusions("test")
     item_ids = loaded.items.item_id.astype(str).to_numpy()
     user_id_of = loaded.users.user_id.astype(str).to_numpy()
-    explainer = offline_explainer(paths, model) if explain else None
     rows = 0
     with atomic_file(out) as handle:
-        handle.write("user_id,item_id,rank,score" + (",explanation\n" if explain else "\n"))
+        handle.write("user_id,item_id,rank,score\n")
         for start in range(0, len(users), block_size):
             block = users[start : start + block_size]
             scores = model.score(block, history=loaded.data.train)
             topk = topk_items(scores, k, exclude[block])
             for r, user in enumerate(block):
                 items = topk[r][topk[r] != PAD]
-                notes: list[str | None] = [None] * len(items)
-                if explainer is not None:
-                    contrib = model.contributions(np.full(len(items), user), items)
-
-                    def source_of(channel: Any, u: int = int(user)) -> np.ndarray | None:
-                        if channel.source == "history":
-                            return _row(model.train[u])
-                        return _row(model.bank.user_attributes[channel.source][u])
-
-                    notes = explain_items(explainer, model, source_of, int(user), items, contrib)
-                for rank, (item, note) in enumerate(zip(items, notes, strict=True), start=1):
-                    line = f"{user_id_of[user]},{item_ids[item]},{rank},{scores[r, item]:.6g}"
-                    handle.write(line + (f",{_csv_text(note)}\n" if explain else "\n"))
+                for rank, item in enumerate(items, start=1):
+                    handle.write(f"{user_id_of[user]},{item_ids[item]},{rank},{scores[r, item]:.6g}\n")
                     rows += 1
     return rows
 
@@ -133,63 +133,13 @@ def recommend(
 def recommend_cold(
     paths: Paths, k: int, profile: dict[str, str], history: list[str], explain: bool = True
 ) -> list[dict[str, Any]]:
-    """Top-k for a user unknown to the model, from a profile (demographics) and/or item history."""
-    model = load_trained(paths.model)
-    if getattr(model, "name", "") != "metarec":
+    """Top-k for a user unknown to the model, from a profile (demographics) and/or item history.
+
+    Ranked and explained as the server ranks a cold user: the profile text is embedded by the bundle's
+    int8 encoder, the history items are excluded.
+    """
+    if _model_name(paths) != "metarec":
         raise ValueError("cold users need the fusion model (model.name=metarec)")
-    cfg = load_config(paths.params)
-    items = pd.read_parquet(paths.processed / "items.parquet")
-    index = {str(i): n for n, i in enumerate(items.item_id.astype(str))}
-    unknown = [h for h in history if h not in index]
-    if unknown:
-        raise ValueError(f"unknown item ids in --history: {', '.join(unknown[:10])}")
-    n_items = len(items)
-    if not 1 <= k <= n_items:
-        raise ValueError(f"--k must be in 1..{n_items}, got {k}")
-    row = sp.csr_matrix(
-        (np.ones(len(history), np.float32), ([0] * len(history), [index[h] for h in history])),
-        shape=(1, n_items),
-    )
-    vector = np.zeros((1, model.profile.shape[1]), dtype=np.float32)
-    if profile:
-        from components.text.encoder import Encoder, resolve_model
-        from components.text.verbalise import user_texts
-
-        frame = pd.DataFrame([{"user": 0, "user_id": "new", **profile}])
-        empty = pd.DataFrame({"user": [], "item": [], "timestamp": []})
-        text = user_texts(frame, empty, items, cfg.text.n_recent, cfg.text.user_template)
-        adapter = paths.text / "finetune" / "adapter"
-        encoder = Encoder(
-            resolve_model(cfg.text.model),
-            cfg.text.max_length,
-            cfg.text.batch_size,
-            cfg.text.threads,
-            adapter_dir=adapter if adapter.exists() else None,
-        )
-        vector = encoder.encode(text)
-    attributes = model.bank.profile_attributes(profile)
-    scores = model.score_rows(row, vector, attributes=attributes)[0].astype(np.float64)
-    scores[[index[h] for h in history]] = -np.inf
-    top = np.argsort(-scores, kind="stable")[: min(k, int(np.isfinite(scores).sum()))]
-    notes: list[str | None] = [None] * len(top)
-    if explain:
-        feats = model.bank.rows(row, None, attributes)[0]
-        import torch
-
-        with torch.no_grad():
-            user_vec = model.net.user_vector(torch.from_numpy(row.toarray()), torch.from_numpy(vector))
-            gates = torch.nn.functional.softplus(
-                model.net.path_bias + user_vec @ model.net.path_user
-            ).numpy()[0]
-        contrib = (gates[:, None] * feats[:, top]).T
-        explainer = offline_explainer(paths, model)
-
-        def source_of(channel: Any) -> np.ndarray | None:
-            return _row(row if channel.source == "history" else attributes.get(channel.source))
-
-        notes = explain_items(explainer, model, source_of, None, top, contrib)
-    ids = items.item_id.astype(str).to_numpy()
-    return [
-        {"item_id": ids[i], "rank": r, "score": float(scores[i]), "explanation": notes[r - 1]}
-        for r, i in enumerate(top, start=1)
-    ]
+    engine = workspace_engine(paths)
+    _check_k(k, len(engine.item_ids))
+    return engine.recommend(None, k, profile=profile or None, history=history, explain=explain)

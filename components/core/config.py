@@ -155,16 +155,25 @@ class FinetuneSection(_Strict):
     # On by default so every encode run shows the frozen-vs-fine-tuned comparison; 40 steps of 16 pairs
     # take about a minute on 2 cores (a LoRA step costs ~3.6 s at 32 pairs).
     enabled: bool = True
+    # Rank of the low-rank update; 8 adapts MiniLM well while training ~74k of its 22.7M weights.
     r: int = Field(default=8, gt=0)
+    # LoRA scales the update by alpha / r; alpha = 2r is the common starting point.
     alpha: int = Field(default=16, gt=0)
+    # Dropout on the adapter input: regularises the small pair set of one dataset.
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    # Adapters start at zero and tolerate a far higher rate than full fine-tuning (1e-5..5e-5).
     lr: float = Field(default=5e-4, gt=0)
+    # Optimiser steps, each one batch of pairs; the other items of the batch are each query's negatives.
     steps: int = Field(default=40, gt=0)
     batch_size: int = Field(default=16, gt=1)
+    # Softmax temperature on cosine similarities; 0.05 is usual for normalised sentence embeddings.
     temperature: float = Field(default=0.05, gt=0)
+    # Linear warm-up keeps the first, noisy updates from undoing the pretrained geometry.
     warmup_steps: int = Field(default=5, ge=0)
-    max_length: int = Field(default=128, gt=0)
-    checkpoint_every: int = Field(default=20, gt=0)
+    # Tokens per text during training; 128 covers a verbalised item and a 10-title history.
+    max_length: int = Field(default=128, ge=2)
+    # A resumable checkpoint every this many steps; 0 takes none.
+    checkpoint_every: int = Field(default=20, ge=0)
     # Caps pairs per user so heavy users do not dominate the contrastive batches.
     max_pairs_per_user: int = Field(default=20, gt=0)
     # Held-out users for the frozen-vs-fine-tuned validation signal.
@@ -245,12 +254,15 @@ class MetarecConfig(_Strict):
     # too few targets (valid NDCG@10 0.147), 0.3 beat 0.2 (0.174 vs 0.168).
     holdout: float = Field(default=0.3, gt=0, lt=1)
     rank: int = Field(default=64, gt=0)
+    # An upper bound: early stopping after ``patience`` epochs without validation gain usually ends sooner.
     epochs: int = Field(default=60, gt=0)
     patience: int = Field(default=8, gt=0)
     lr: float = Field(default=5e-3, gt=0)
+    # AdamW's decoupled decay on every parameter, plus an extra L2 on ID factors (few pairs per item).
     weight_decay: float = Field(default=1e-4, ge=0)
     id_reg: float = Field(default=1e-3, ge=0)
-    # Share of items hidden as if cold in each batch, so text and KG content learn to rank alone.
+    # Share of items hidden as if cold in each batch (IDs and collaborative channels), so text and KG
+    # content learn to rank alone (DropoutNet's idea); 0 disables it.
     item_dropout: float = Field(default=0.2, ge=0, lt=1)
     batch_users: int = Field(default=128, gt=0)
     # Ablation switches; the ablation runs flip them one at a time.

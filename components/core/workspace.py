@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.core.config import Config, load_config
+from components.core.config import Config, apply_overrides, build_config, load_config
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,10 @@ class Paths:
 def workspace_config(
     workspace: str | Path, overrides: list[str] | None = None, missing_ok: bool = False
 ) -> Config:
-    """The workspace's ``params.yaml`` as typed config; the defaults when it has none and ``missing_ok``."""
+    """``params.yaml`` with ``overrides`` as typed config (the defaults if absent and ``missing_ok``)."""
     params = Paths(Path(workspace)).params
     if missing_ok and not params.exists():
-        return Config()
+        return build_config(apply_overrides(Config().model_dump(mode="json"), overrides or []))
     return load_config(params, overrides or [])
 
 

@@ -2,16 +2,19 @@
 
 The monitor compares what users did since the champion was trained with what it was trained on:
 
-* The **reference** is built from the champion's own bundle (``models:/<name>@champion``): its
-  training interactions (``profiles.npz``), its item genres (the bundle's graph) and its item text
-  embeddings, with the offline metrics of its manifest as the online-quality baseline. So the
-  reference is always what *serves*, not whatever the workspace trained last.
+* The **reference** is built from the champion's own bundle (the flow fetches ``models:/<name>@champion``
+  through ``registry.promotion.champion_bundle``): its training interactions (``profiles.npz``), its
+  item genres (the bundle's graph) and its item text embeddings, with the offline metrics of its
+  manifest as the online-quality baseline. So the reference is always what *serves*, not whatever the
+  workspace trained last.
 * The **window** is the feedback store's events after the champion's data version: the store's
-  sequence number recorded as that version's high-water mark (``components.retrain``), optionally
-  cut further by event time. Ids stay the dataset's original string ids on both sides.
+  sequence number recorded as that version's high-water mark (:func:`champion_high_water`), optionally
+  cut further by event time (:func:`read_window`). Ids stay the dataset's original string ids on both
+  sides.
 
-:func:`check_window` runs ``components.drift.checks.check``; :func:`drift_payload` is the
-``metarec.drift.detected`` event's payload.
+:func:`check_window` runs ``components.drift.checks.check``; :func:`report_window` logs one window's
+check to MLflow; :func:`drift_payload` is the ``metarec.drift.detected`` event's payload and
+:func:`retrain_parameters` what the event hands the retrain flow.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +31,9 @@ import pandas as pd
 from components.core.config import Config
 from components.drift import checks as drift
 from components.drift import report
+
+if TYPE_CHECKING:
+    from components.serving.feedback import FeedbackStore
 
 DRIFT_EVENT = "metarec.drift.detected"
 MONITOR_EXPERIMENT_SUFFIX = "-monitor"
@@ -50,7 +56,7 @@ def feedback_url(workspace: Path, cfg: Config, url: str | None = None) -> str:
     return url
 
 
-def open_feedback(workspace: Path, cfg: Config, url: str | None = None) -> Any:
+def open_feedback(workspace: Path, cfg: Config, url: str | None = None) -> FeedbackStore:
     """Open the workspace's feedback store (the one ``metarec serve`` writes)."""
     from components.serving.feedback import open_store
 
@@ -58,7 +64,7 @@ def open_feedback(workspace: Path, cfg: Config, url: str | None = None) -> Any:
 
 
 def read_events(
-    store: Any,
+    store: FeedbackStore,
     after_seq: int = 0,
     since_ts: float | None = None,
     until_ts: float | None = None,
@@ -101,6 +107,22 @@ def read_events(
     if until_ts is not None:
         events = events[events["ts"] <= until_ts]
     return events.reset_index(drop=True), int(last)
+
+
+def read_window(
+    workspace: Path,
+    cfg: Config,
+    after_seq: int = 0,
+    since_ts: float | None = None,
+    until_ts: float | None = None,
+    url: str | None = None,
+) -> tuple[pd.DataFrame, int]:
+    """:func:`read_events` of the workspace's feedback store (or ``url``), opened and closed here."""
+    store = open_feedback(workspace, cfg, url)
+    try:
+        return read_events(store, after_seq, since_ts, until_ts)
+    finally:
+        store.close()
 
 
 @dataclass
@@ -191,54 +213,57 @@ def reference_from_bundle(bundle: Path, cfg: Config, version: str | None) -> Ref
     return reference_from_tables(train, genres, vectors, baseline, version, manifest)
 
 
-def champion_bundle(workspace: Path, cfg: Config) -> tuple[str, Path]:
-    """Download (once per version) and verify the champion's bundle into the workspace's cache.
+def champion_high_water(workspace: Path, ref: ReferenceData, url: str) -> int:
+    """Store sequence the champion's training data already contains (0 when none of the store's)."""
+    from components.retrain import DataVersions
 
-    Returns:
-        The champion version and its bundle directory.
-
-    Raises:
-        registry.store.RegistryError: No registered model or no champion.
-    """
-    import shutil
-    import tempfile
-
-    from components.bundle.format import verify_bundle
-    from registry.store import CHAMPION, open_registry
-
-    registry = open_registry(workspace, cfg, must_exist=True)
-    version = str(registry.version(CHAMPION).version)
-    cache = Path(workspace) / ".cache" / "champions"
-    target = cache / version
-    found = _bundle_in(target)
-    if found is None:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=cache))
-        try:
-            local, _ = registry.download_bundle(version, tmp)
-            relative = Path(local).resolve().relative_to(tmp.resolve())
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-            found = target / relative
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    verify_bundle(found)  # also when cached: a file altered on disk must not be trusted
-    return version, found
-
-
-def _bundle_in(target: Path) -> Path | None:
-    """The bundle directory (holding ``bundle.json``) of a downloaded version, if complete."""
-    if not target.is_dir():
-        return None
-    for manifest in sorted(target.rglob("bundle.json"), key=lambda p: len(p.parts)):
-        return manifest.parent
-    return None
+    data = (ref.manifest.get("config") or {}).get("data") or {}
+    found = DataVersions(Path(workspace)).by_path(data.get("path"))
+    if found is None or found.feedback_url != url:
+        return 0
+    return found.feedback_seq
 
 
 def check_window(ref: ReferenceData, events: pd.DataFrame, cfg: Config) -> drift.DriftResult:
     """Every drift check of ``events`` against the reference."""
     return drift.check(ref.reference, ref.window(events), cfg.drift)
+
+
+def report_window(
+    workspace: Path,
+    cfg: Config,
+    ref: ReferenceData,
+    events: pd.DataFrame,
+    window: str,
+    step: int | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Check a window, log report, statistics and payload to a ``-monitor`` run; ``{drifted, payload}``."""
+    import tempfile
+
+    import mlflow
+
+    from components.core import tracking
+
+    result = check_window(ref, events, cfg)
+    experiment = cfg.tracking.experiment + MONITOR_EXPERIMENT_SUFFIX
+    experiment_id = tracking.setup(Path(workspace), experiment, cfg.tracking.uri)
+    run_tags = {
+        "metarec.flow": "monitor",
+        "metarec.window": window,
+        "metarec.champion": str(ref.version),
+        "metarec.git_commit": tracking.git_commit(),
+        **(tags or {}),
+    }
+    with (
+        mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor {window}", tags=run_tags) as run,
+        tempfile.TemporaryDirectory(prefix="metarec-drift-") as tmp,
+    ):
+        mlflow.log_params({f"drift.{k}": str(v)[:500] for k, v in cfg.drift.model_dump().items()})
+        report.log_to_mlflow(result, Path(tmp), step=step)
+        payload = drift_payload(result, window, Path(workspace), ref.version, run.info.run_id)
+        mlflow.log_dict(payload, "drift/payload.json")
+    return {"drifted": result.drifted, "payload": payload}
 
 
 def statistics(result: drift.DriftResult) -> dict[str, dict[str, Any]]:
@@ -276,4 +301,13 @@ def drift_payload(
         "statistics": statistics(result),
         "metrics": report.metrics(result),
         "mlflow_run_id": run_id,
+    }
+
+
+def retrain_parameters(workspace: str | Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """What a drift event hands the retrain flow (the deployment trigger templates the same)."""
+    return {
+        "workspace": str(Path(workspace).resolve()),
+        "window": payload["window"],
+        "reason": f"drift: {payload['fired_text']}",
     }

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from components.evaluation import metrics
+
 # A zero share makes PSI infinite. Flooring shares at 1e-4 keeps one empty bucket's worth of PSI
 # bounded (a category that jumps from 0% to 1% adds 0.01 * ln(100) = 0.046, half the "moderate"
 # band) while staying well below any share a real bucket ever has.
@@ -337,7 +339,11 @@ def ctr(impressions: int | Sequence[Any] | np.ndarray, clicks: int | Sequence[An
 def _list_scores(
     served_lists: Sequence[Sequence[Any]], positives: Sequence[Iterable[Any]], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-list hit@k and NDCG@k, plus the mask of lists whose user had any positive."""
+    """Per-list hit@k and NDCG@k, plus the mask of lists whose user had any positive.
+
+    Scored by the offline metrics' own functions (:mod:`components.evaluation.metrics`), so online and
+    offline NDCG share one definition: binary gains, the ideal cut at ``min(positives, k)``.
+    """
     if k < 1:
         raise ValueError("k must be >= 1")
     if len(served_lists) != len(positives):
@@ -345,23 +351,14 @@ def _list_scores(
             f"served_lists has {len(served_lists)} lists but positives has {len(positives)}; they must "
             "match list for list"
         )
-    hits = np.zeros(len(served_lists))
-    ndcg = np.zeros(len(served_lists))
-    has_pos = np.zeros(len(served_lists), dtype=bool)
-    for i, (served, pos) in enumerate(zip(served_lists, positives, strict=True)):
-        pos_set = set(pos)
-        if not pos_set:
-            continue
-        has_pos[i] = True
+    pos_sets = [set(pos) for pos in positives]
+    # Lists shorter than k are padded with misses.
+    hits = np.zeros((len(served_lists), k), dtype=bool)
+    for i, (served, pos_set) in enumerate(zip(served_lists, pos_sets, strict=True)):
         top = list(served)[:k]
-        gains = np.array([1.0 if item in pos_set else 0.0 for item in top])
-        if gains.size == 0:
-            continue
-        hits[i] = float(gains.any())
-        discounts = 1.0 / np.log2(np.arange(2, gains.size + 2))
-        ideal = discounts[: min(len(pos_set), gains.size)].sum()
-        ndcg[i] = float((gains * discounts).sum() / ideal)
-    return hits, ndcg, has_pos
+        hits[i, : len(top)] = [item in pos_set for item in top]
+    n_truth = np.asarray([len(p) for p in pos_sets], dtype=np.int64)
+    return metrics.hit_from_hits(hits, k), metrics.ndcg_from_hits(hits, n_truth, k), n_truth > 0
 
 
 def hit_rate_at_k(

@@ -125,7 +125,7 @@ def _discounts(k: int) -> np.ndarray:
     return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
 
 
-def _recall(hits: np.ndarray, n_truth: np.ndarray, k: int) -> np.ndarray:
+def recall_from_hits(hits: np.ndarray, n_truth: np.ndarray, k: int) -> np.ndarray:
     """Per-user recall@k from a hits matrix; 0 where there is no truth."""
     n_hits = hits[:, :k].sum(axis=1).astype(np.float64)
     return np.divide(n_hits, n_truth, out=np.zeros_like(n_hits), where=n_truth > 0)
@@ -136,7 +136,7 @@ def _precision(hits: np.ndarray, k: int) -> np.ndarray:
     return hits[:, :k].sum(axis=1).astype(np.float64) / k
 
 
-def _hit(hits: np.ndarray, k: int) -> np.ndarray:
+def hit_from_hits(hits: np.ndarray, k: int) -> np.ndarray:
     """Per-user hit@k from a hits matrix."""
     return np.asarray(hits[:, :k].any(axis=1), dtype=np.float64)
 
@@ -148,7 +148,7 @@ def _mrr(hits: np.ndarray, k: int) -> np.ndarray:
     return np.where(window.any(axis=1), 1.0 / (first + 1.0), 0.0).astype(np.float64)
 
 
-def _ndcg(hits: np.ndarray, n_truth: np.ndarray, k: int) -> np.ndarray:
+def ndcg_from_hits(hits: np.ndarray, n_truth: np.ndarray, k: int) -> np.ndarray:
     """Per-user binary NDCG@k from a hits matrix; 0 where there is no truth."""
     disc = _discounts(k)
     dcg = hits[:, :k].astype(np.float64) @ disc
@@ -194,7 +194,7 @@ def recall_at_k(topk: np.ndarray, truth: Truth, k: int) -> np.ndarray:
     """
     arr, csr = _prepare(topk, truth)
     k = _check_k(k, arr.shape[1])
-    return _recall(_hits(arr, csr), _n_truth(csr), k)
+    return recall_from_hits(_hits(arr, csr), _n_truth(csr), k)
 
 
 def precision_at_k(topk: np.ndarray, truth: Truth, k: int) -> np.ndarray:
@@ -235,7 +235,7 @@ def ndcg_at_k(topk: np.ndarray, truth: Truth, k: int) -> np.ndarray:
     """
     arr, csr = _prepare(topk, truth)
     k = _check_k(k, arr.shape[1])
-    return _ndcg(_hits(arr, csr), _n_truth(csr), k)
+    return ndcg_from_hits(_hits(arr, csr), _n_truth(csr), k)
 
 
 def hit_at_k(topk: np.ndarray, truth: Truth, k: int) -> np.ndarray:
@@ -254,7 +254,7 @@ def hit_at_k(topk: np.ndarray, truth: Truth, k: int) -> np.ndarray:
     """
     arr, csr = _prepare(topk, truth)
     k = _check_k(k, arr.shape[1])
-    return _hit(_hits(arr, csr), k)
+    return hit_from_hits(_hits(arr, csr), k)
 
 
 def mrr_at_k(topk: np.ndarray, truth: Truth, k: int) -> np.ndarray:
@@ -308,10 +308,10 @@ def compute_metrics(topk: np.ndarray, truth_csr: Truth, ks: Iterable[int] = (10,
     result: dict[str, float] = {}
     for k in dict.fromkeys(k_list):
         per_user = {
-            "recall": _recall(hits, n_truth, k),
+            "recall": recall_from_hits(hits, n_truth, k),
             "precision": _precision(hits, k),
-            "ndcg": _ndcg(hits, n_truth, k),
-            "hit": _hit(hits, k),
+            "ndcg": ndcg_from_hits(hits, n_truth, k),
+            "hit": hit_from_hits(hits, k),
             "mrr": _mrr(hits, k),
         }
         for name in METRIC_NAMES:

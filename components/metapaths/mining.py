@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from components.evaluation.metrics import _ndcg, _recall, hits_matrix
+from components.evaluation.metrics import hits_matrix, ndcg_from_hits, recall_from_hits
 from components.evaluation.ranking import topk_items
 from components.metapaths.counting import Counter, Weighting
 from components.metapaths.schema import Metapath
@@ -70,7 +70,9 @@ def _ranking_sums(scores: np.ndarray, exclude: sp.csr_matrix, truth: sp.csr_matr
     hits &= (top >= 0) & (top_scores > 0)
     n_truth = np.diff(truth.indptr)
     # The metric definitions are the evaluation's own, applied to this masked hits matrix.
-    return float(_ndcg(hits, n_truth, min(NDCG_K, k)).sum()), float(_recall(hits, n_truth, k).sum())
+    return float(ndcg_from_hits(hits, n_truth, min(NDCG_K, k)).sum()), float(
+        recall_from_hits(hits, n_truth, k).sum()
+    )
 
 
 def normalise_rows(scores: np.ndarray) -> np.ndarray:

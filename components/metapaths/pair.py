@@ -6,9 +6,8 @@ from typing import Any
 
 import pandas as pd
 
-from components.core.config import load_config
 from components.core.storage import read_json
-from components.core.workspace import Paths
+from components.core.workspace import Paths, workspace_config
 
 
 def explain_pair(paths: Paths, user_id: str, item_id: str, top_n: int = 3) -> list[dict[str, Any]]:
@@ -18,7 +17,7 @@ def explain_pair(paths: Paths, user_id: str, item_id: str, top_n: int = 3) -> li
 
     if not (paths.metapaths / report.METAPATHS_FILE).exists():
         raise FileNotFoundError(f"no mined metapaths in {paths.metapaths}; run `metarec run` first")
-    cfg = load_config(paths.params)
+    cfg = workspace_config(paths.root)
     # Score with the weighting the metapaths were mined with, even if params.yaml changed since.
     mined = read_json(paths.metapaths / report.METAPATHS_FILE)
     mine_cfg = cfg.mine.model_copy(update={"weighting": mined["weighting"], "damping": mined["damping"]})

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,11 @@ from components.core.config import Config
 from components.core.workspace import Paths
 from components.data import split
 from components.evaluation import protocol as evaluate
+
+if TYPE_CHECKING:  # torch: these load only when a model is fitted
+    from components.baselines import Recommender
+    from components.model.fit import FitData
+    from components.model.recommender import MetarecRecommender
 
 
 @dataclass
@@ -45,7 +50,7 @@ def model_params(cfg: Config) -> dict[str, Any]:
     return sub.model_dump() if sub is not None else {}
 
 
-def load_trained(directory: Path) -> Any:
+def load_trained(directory: Path) -> Recommender:
     """Load any trained model directory: the fusion model or a baseline."""
     meta = json.loads((Path(directory) / "model.json").read_text(encoding="utf-8"))
     if meta.get("name") == "metarec":
@@ -57,14 +62,14 @@ def load_trained(directory: Path) -> Any:
     return baselines.load_model(Path(directory))
 
 
-def fit_data(paths: Paths, frozen: bool = False) -> Any:
+def fit_data(paths: Paths, frozen: bool = False) -> FitData:
     """The fusion model's inputs from this workspace's stage outputs."""
     from components.model.fit import load_fit_data
 
     return load_fit_data(paths.processed, paths.graph, paths.split, paths.metapaths, paths.text, frozen)
 
 
-def fit_metarec(data: Any, cfg: Config, log: bool = True) -> tuple[Any, dict[str, Any]]:
+def fit_metarec(data: FitData, cfg: Config, log: bool = True) -> tuple[MetarecRecommender, dict[str, Any]]:
     """Train the fusion model, logging each epoch's loss and validation metrics when ``log``."""
     import mlflow
 
@@ -93,7 +98,7 @@ def fit_configured(
     cold_items: np.ndarray | None = None,
     frozen: bool = False,
     log: bool = False,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Recommender, dict[str, Any]]:
     """Fit the configured model: the fusion model on the workspace's inputs, else a baseline on ``train``.
 
     The one place that dispatches on ``model.name``. ``cold_items`` drops items from the fusion model's

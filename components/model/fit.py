@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from components.core.config import MetarecConfig
 from components.data import kg, split
 from components.data.kg import HeteroGraph
 from components.model.data import assemble, model_paths
@@ -76,37 +77,17 @@ def load_fit_data(
     )
 
 
-def train_config(mcfg: Any, seed: int, eval_metric: str = "ndcg@10", threads: int = 2) -> TrainConfig:
-    """The loop's config from the ``model.metarec`` section."""
-    return TrainConfig(
-        epochs=mcfg.epochs,
-        patience=mcfg.patience,
-        lr=mcfg.lr,
-        weight_decay=mcfg.weight_decay,
-        id_reg=mcfg.id_reg,
-        item_dropout=mcfg.item_dropout,
-        batch_users=mcfg.batch_users,
-        holdout=mcfg.holdout,
-        rank=mcfg.rank,
-        use_paths=mcfg.use_paths,
-        use_text=mcfg.use_text,
-        use_ids=mcfg.use_ids,
-        seed=seed,
-        threads=threads,
-        eval_metric=eval_metric,
-    )
-
-
 def fit(
     data: FitData,
-    mcfg: Any,
+    mcfg: MetarecConfig,
     weighting: str,
     damping: float,
     seed: int,
     on_epoch: EpochLog | None = None,
+    *,
+    eval_metric: str,
     config: dict[str, Any] | None = None,
     age_buckets: list[int] | None = None,
-    eval_metric: str = "ndcg@10",
 ) -> tuple[MetarecRecommender, dict[str, Any]]:
     """Train the fusion model on ``data``; return it (scoring with the whole training part) and a summary."""
     paths = model_paths(data.report, data.graph.schema, mcfg.content_paths)
@@ -124,7 +105,7 @@ def fit(
         mcfg.holdout,
         age_buckets,
     )
-    net, summary = train(inputs, train_config(mcfg, seed, eval_metric), on_epoch)
+    net, summary = train(inputs, TrainConfig.from_section(mcfg, seed, eval_metric), on_epoch)
     summary["channels"] = inputs.eval_bank.names
     model = MetarecRecommender(net, inputs.eval_bank, data.profile, data.train_matrix, config)
     return model, summary

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from components.core.config import MetarecConfig
 from components.evaluation.metrics import compute_metrics
 from components.evaluation.ranking import rank_all
 from components.model.features import FeatureBank
@@ -31,30 +32,33 @@ from components.model.net import FusionNet, NetConfig
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of the fusion training loop (picked on ml-100k validation; see docs/model.md)."""
+    """What a fit is: the ``model.metarec`` section's loop hyperparameters plus seed, metric and threads.
 
-    epochs: int = 60  # upper bound; early stopping usually ends sooner
-    patience: int = 8  # epochs without validation gain before stopping
-    lr: float = 5e-3
-    weight_decay: float = 1e-4  # AdamW's decoupled decay on every parameter
-    id_reg: float = 1e-3  # extra L2 on item-ID factors: few held-out pairs per item
-    # Share of items treated as cold in each batch (IDs and collaborative channels hidden), so the
-    # text and KG-content terms learn to rank items on their own (DropoutNet's idea); 0 disables it.
-    item_dropout: float = 0.2
-    batch_users: int = 128
-    holdout: float = 0.3  # share of each user's training interactions (latest) used as targets
-    rank: int = 64
-    use_paths: bool = True
-    use_text: bool = True
-    use_ids: bool = True
-    # Early-stopping metric (the pipeline's eval.primary), computed on validation each epoch.
-    eval_metric: str = "ndcg@10"
-    seed: int = 0
-    threads: int = 2
+    No defaults here: ``MetarecConfig`` holds them (with the validation results that picked them), and
+    :meth:`from_section` is how a config is made, so they cannot drift from ``params.yaml``.
+    """
 
-    def to_dict(self) -> dict[str, object]:
-        """Plain-dict form for JSON and MLflow params."""
-        return asdict(self)
+    epochs: int
+    patience: int
+    lr: float
+    weight_decay: float
+    id_reg: float
+    item_dropout: float
+    batch_users: int
+    holdout: float
+    rank: int
+    use_paths: bool
+    use_text: bool
+    use_ids: bool
+    eval_metric: str  # early-stopping metric (the pipeline's eval.primary), computed on validation each epoch
+    seed: int
+    threads: int
+
+    @classmethod
+    def from_section(cls, mcfg: MetarecConfig, seed: int, eval_metric: str, threads: int = 2) -> TrainConfig:
+        """The loop's config from a validated ``model.metarec`` section."""
+        names = {f.name for f in fields(cls)} - {"eval_metric", "seed", "threads"}
+        return cls(eval_metric=eval_metric, seed=seed, threads=threads, **mcfg.model_dump(include=names))
 
 
 @dataclass

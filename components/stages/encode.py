@@ -79,26 +79,9 @@ def run(paths: Paths, cfg: Config) -> None:
                     text.user_template,
                     max_per_user=ft.max_pairs_per_user,
                 )
-                ft_cfg = FinetuneConfig(
-                    r=ft.r,
-                    alpha=ft.alpha,
-                    dropout=ft.dropout,
-                    lr=ft.lr,
-                    steps=ft.steps,
-                    batch_size=ft.batch_size,
-                    temperature=ft.temperature,
-                    warmup_steps=ft.warmup_steps,
-                    seed=cfg.seed,
-                    max_length=ft.max_length,
-                    checkpoint_every=ft.checkpoint_every,
-                )
+                ft_cfg = FinetuneConfig.from_section(ft, cfg.seed)
                 result = finetune(
-                    ref,
-                    train_pairs,
-                    ft_cfg,
-                    tmp / "finetune",
-                    log=_log_step,
-                    threads=text.threads,
+                    ref, train_pairs, ft_cfg, tmp / "finetune", log=_log_step, threads=text.threads
                 )
                 mlflow.log_metrics(
                     {

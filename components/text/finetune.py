@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.core.config import FinetuneSection
 from components.core.storage import atomic_dir, read_json, write_json
 from components.text.encoder import (
     FINETUNE_JSON,
@@ -52,63 +53,33 @@ TARGET_MODULES = ("query", "value")
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """LoRA contrastive fine-tuning hyperparameters."""
+    """What a fine-tuning run is: the ``text.finetune`` section's hyperparameters plus the seed.
 
-    # Rank of the low-rank update; 8 adapts MiniLM well while training ~74k of its 22.7M weights.
-    r: int = 8
-    # LoRA scales the update by alpha / r; alpha = 2r is the common starting point.
-    alpha: int = 16
-    # Dropout on the adapter input: regularises the small pair set of one dataset.
-    dropout: float = 0.1
-    # Adapters start at zero and tolerate a far higher rate than full fine-tuning (1e-5..5e-5).
-    lr: float = 5e-4
-    # Optimiser steps (each one batch of pairs).
-    steps: int = 200
-    # Pairs per step; the other items of the batch are each query's negatives, so larger is harder.
-    batch_size: int = 32
-    # Softmax temperature on cosine similarities; 0.05 is usual for normalised sentence embeddings.
-    temperature: float = 0.05
-    # Linear warm-up keeps the first, noisy updates from undoing the pretrained geometry.
-    warmup_steps: int = 20
-    seed: int = 42
-    # Tokens per text during training; 128 covers a verbalised item and a 10-title history.
-    max_length: int = 128
-    # Save a resumable checkpoint every this many steps; 0 disables checkpoints.
-    checkpoint_every: int = 50
+    No defaults and no checks here: ``FinetuneSection`` holds both (with the reasons), and
+    :meth:`from_section` is how a config is made, so neither can drift from ``params.yaml``.
+    """
 
-    def __post_init__(self) -> None:
-        checks = {
-            "r": self.r >= 1,
-            "alpha": self.alpha > 0,
-            "dropout": 0 <= self.dropout < 1,
-            "lr": self.lr > 0,
-            "steps": self.steps >= 1,
-            "batch_size": self.batch_size >= 2,  # one pair has no in-batch negative
-            "temperature": self.temperature > 0,
-            "warmup_steps": 0 <= self.warmup_steps <= self.steps,
-            "max_length": self.max_length >= 2,
-            "checkpoint_every": self.checkpoint_every >= 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-            raise ValueError(
-                f"invalid fine-tuning config: {values} (need r, alpha, lr, steps, temperature > 0, "
-                "0 <= dropout < 1, batch_size >= 2, 0 <= warmup_steps <= steps, max_length >= 2)"
-            )
+    r: int
+    alpha: int
+    dropout: float
+    lr: float
+    steps: int
+    batch_size: int
+    temperature: float
+    warmup_steps: int
+    seed: int
+    max_length: int
+    checkpoint_every: int
+
+    @classmethod
+    def from_section(cls, section: FinetuneSection, seed: int) -> FinetuneConfig:
+        """The run's config from a validated ``text.finetune`` section."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"seed"}
+        return cls(seed=seed, **section.model_dump(include=names))
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        """Build from a dict, refusing unknown keys (a typo must not silently use a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown fine-tuning config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass
