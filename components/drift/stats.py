@@ -319,23 +319,6 @@ def mmd_rbf(
     return MMDResult(mmd2=observed, p_value=p_value, gamma=g, n_x=len(xa), n_y=len(ya))
 
 
-def ctr(impressions: int | Sequence[Any] | np.ndarray, clicks: int | Sequence[Any] | np.ndarray) -> float:
-    """Click-through rate: clicks per impression.
-
-    Args:
-        impressions: Number of impressions, or one entry per impression.
-        clicks: Number of clicks, or one entry per click.
-
-    Returns:
-        ``clicks / impressions``; NaN when there were no impressions.
-    """
-    n_imp = impressions if isinstance(impressions, int | np.integer) else len(impressions)
-    n_clk = clicks if isinstance(clicks, int | np.integer) else len(clicks)
-    if n_imp < 0 or n_clk < 0:
-        raise ValueError("impression and click counts must be non-negative")
-    return float(n_clk / n_imp) if n_imp else float("nan")
-
-
 def _list_scores(
     served_lists: Sequence[Sequence[Any]], positives: Sequence[Iterable[Any]], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -359,43 +342,6 @@ def _list_scores(
         hits[i, : len(top)] = [item in pos_set for item in top]
     n_truth = np.asarray([len(p) for p in pos_sets], dtype=np.int64)
     return metrics.hit_from_hits(hits, k), metrics.ndcg_from_hits(hits, n_truth, k), n_truth > 0
-
-
-def hit_rate_at_k(
-    served_lists: Sequence[Sequence[Any]], positives: Sequence[Iterable[Any]], k: int = 10
-) -> float:
-    """Share of served lists with at least one positive item in their top ``k``.
-
-    Lists whose user has no positive are left out, as offline evaluation leaves out users without
-    held-out items.
-
-    Args:
-        served_lists: Each served list, best first.
-        positives: For each list, the items its user clicked or rated (any iterable).
-        k: Cut-off.
-
-    Returns:
-        The hit rate; NaN when no list has a positive.
-    """
-    hits, _, has_pos = _list_scores(served_lists, positives, k)
-    return float(hits[has_pos].mean()) if has_pos.any() else float("nan")
-
-
-def ndcg_at_k(
-    served_lists: Sequence[Sequence[Any]], positives: Sequence[Iterable[Any]], k: int = 10
-) -> float:
-    """Mean binary NDCG@k of served lists against their users' positives (lists without any left out).
-
-    Args:
-        served_lists: Each served list, best first.
-        positives: For each list, the items its user clicked or rated.
-        k: Cut-off.
-
-    Returns:
-        The mean NDCG; NaN when no list has a positive.
-    """
-    _, ndcg, has_pos = _list_scores(served_lists, positives, k)
-    return float(ndcg[has_pos].mean()) if has_pos.any() else float("nan")
 
 
 def per_list_quality(

@@ -74,20 +74,6 @@ class MetarecRecommender:
             )
         return np.asarray(out.numpy(), dtype=np.float32)
 
-    def contributions(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Per-channel contributions g_c(u) f_c(u, i) for pairs, shape (len(users), n_channels)."""
-        users = np.asarray(users, dtype=np.int64)
-        hist = self.train[users]
-        feats = self.bank.rows(hist, users)
-        with torch.no_grad():
-            user_vec = self.net.user_vector(
-                torch.from_numpy(np.asarray(hist.toarray(), dtype=np.float32)),
-                torch.from_numpy(self.profile[users]),
-            )
-            gates = torch.nn.functional.softplus(self.net.path_bias + user_vec @ self.net.path_user).numpy()
-        picked = feats[np.arange(len(users)), :, np.asarray(items)]
-        return np.asarray(gates * picked, dtype=np.float32)
-
     def save(self, directory: Path) -> None:
         """Write the model directory (see the module docstring)."""
         directory = Path(directory)

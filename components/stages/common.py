@@ -1,4 +1,4 @@
-"""What every stage shares: its MLflow run (tracked or deferred) and artifact logging."""
+"""What every stage shares: its MLflow run, tracked or deferred, from the workspace's config."""
 
 from __future__ import annotations
 
@@ -16,17 +16,3 @@ def tracked_run(paths: Paths, cfg: Config, stage: str) -> Any:
 def deferred_run(paths: Paths, cfg: Config, stage: str) -> Any:
     tr = cfg.tracking
     return tracking.deferred_stage_run(paths.root, stage, cfg.flat(), tr.experiment, tr.uri)
-
-
-def log_json(name: str, data: Any) -> None:
-    import mlflow
-
-    mlflow.log_dict(data, name)
-
-
-def log_figure(fig: Any, name: str) -> None:
-    import matplotlib.pyplot as plt
-    import mlflow
-
-    mlflow.log_figure(fig, name)
-    plt.close(fig)

@@ -11,17 +11,14 @@ from components.core.config import Config
 from components.core.storage import write_json
 from components.core.workspace import Paths
 from components.evaluation import protocol as evaluate
-from components.model.facade import (
-    cold_protocol,
-    load_parts,
-    load_trained,
-)
-from components.stages.common import log_figure, log_json, tracked_run
+from components.model.facade import cold_protocol, load_parts, load_trained
+from components.stages.common import tracked_run
 
 
 def run(paths: Paths, cfg: Config) -> dict[str, Any]:
     """Evaluate the trained model on valid and test; write metrics.json and log everything."""
     with tracked_run(paths, cfg, "evaluate"):
+        import matplotlib.pyplot as plt
         import mlflow
 
         loaded = load_parts(paths)
@@ -58,8 +55,10 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
                     if np.isfinite(v)
                 }
             )
-        log_json("evaluation.json", results)
-        log_figure(slice_figure(results["test"], cfg.eval.primary, cfg.model.name), "test_slices.png")
+        mlflow.log_dict(results, "evaluation.json")
+        figure = slice_figure(results["test"], cfg.eval.primary, cfg.model.name)
+        mlflow.log_figure(figure, "test_slices.png")
+        plt.close(figure)
         # Files last: a failure above leaves the previous metrics and evaluation side by side.
         write_json(paths.evaluation, results)
         write_json(paths.metrics, summary)

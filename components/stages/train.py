@@ -7,9 +7,7 @@ import time
 from components.core.config import Config
 from components.core.storage import atomic_dir, write_json
 from components.core.workspace import Paths
-from components.model.facade import (
-    fit_configured,
-)
+from components.model.facade import fit_configured
 from components.stages.common import tracked_run
 
 

@@ -22,7 +22,7 @@ from components.data.split import (
     to_matrix,
 )
 
-TINY = Path(__file__).parent / "fixtures" / "tiny"
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
 
 def _frame(rows: list[tuple[int, int, float]], part: list[str] | None = None) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from components.data.kg import (
     with_interactions,
 )
 
-TINY = Path(__file__).parent / "fixtures" / "tiny"
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 ITEM_FIELDS = {"class": "genre"}
 USER_FIELDS = {"age": "age_bucket", "gender": "gender", "occupation": "occupation"}
 AGE_BUCKETS = [17, 24, 34, 44, 49, 55]

@@ -21,7 +21,7 @@ from components.metapaths.counting import Counter
 from components.metapaths.explain import Namer, explain, instances
 from components.metapaths.schema import Metapath, MetapathError, enumerate_metapaths, parse
 
-TINY = Path(__file__).parent / "fixtures" / "tiny"
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 ITEM_FIELDS = {"class": "genre"}
 USER_FIELDS = {"age": "age_bucket", "gender": "gender", "occupation": "occupation"}
 AGES = [17, 24, 34, 44, 49, 55]

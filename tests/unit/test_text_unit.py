@@ -35,7 +35,7 @@ from components.text.features import encode_items, encode_users, load_embeddings
 from components.text.finetune import FinetuneConfig, FinetuneResult, finetune, lr_factor, validation_signal
 from components.text.pairs import PairSet, holdout_pairs, next_item_pairs
 
-TINY = Path(__file__).parent / "fixtures" / "tiny"
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 ITEM_FIELDS = {"class": "genre"}
 USER_FIELDS = {"age": "age_bucket", "gender": "gender", "occupation": "occupation"}
 AGES = [17, 24, 34, 44, 49, 55]

@@ -22,7 +22,7 @@ from components.pipeline import PipelineError
 from components.stages import STAGES
 from flows.training import training
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_SUFFIXES = (".py", ".md", ".toml", ".cfg", ".ini", ".txt", ".ipynb")
 WATCHED = ("data/processed/interactions.parquet", "models/current/model.json")
 

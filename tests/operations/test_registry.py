@@ -684,7 +684,7 @@ class TableMeasurer:
     """Measures a bundle as a table says, keyed by the warm ndcg its bundle claims.
 
     Stands in for the split evaluation of ``components.retrain.SplitReevaluator`` (exercised on real
-    bundles in ``tests/test_retrain_gate.py``); what is tested here is the registry's side of it.
+    bundles in ``tests/operations/test_retrain_gate.py``); what is tested here is the registry's side of it.
     """
 
     protocol = "table"

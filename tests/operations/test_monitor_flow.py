@@ -3,7 +3,8 @@
 Fast tests: a synthetic catalogue (Zipf items, genres, clustered text embeddings) packed as a serving
 bundle, feedback written to a real SQLite feedback store and read back window by window, the monitor
 flow under the session's Prefect server, and data versions on the committed tiny dataset. The whole
-loop (feedback through the API, drift, the event trigger, retrain, gate, swap) is tests/test_closed_loop.py.
+loop (feedback through the API, drift, the event trigger, retrain, gate, swap) is
+tests/e2e/test_closed_loop.py.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from components.data.ingest import (
     read_processed,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY = FIXTURES / "tiny"
 MALFORMED = FIXTURES / "malformed"
 CASES: dict[str, dict] = yaml.safe_load((MALFORMED / "cases.yaml").read_text(encoding="utf-8"))["cases"]

@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import METAREC, PROJECT_ROOT, subprocess_env
 
-MALFORMED = Path(__file__).parent / "fixtures" / "malformed"
+MALFORMED = Path(__file__).parents[1] / "fixtures" / "malformed"
 CASES: dict[str, dict] = yaml.safe_load((MALFORMED / "cases.yaml").read_text(encoding="utf-8"))["cases"]
 # One per kind of file: interactions, a pre-split part, the knowledge graph. Each run costs ~20 s.
 RUN_CASES = ["rating_nan", "presplit_duplicate_across_parts", "kg_empty_tail"]

@@ -15,7 +15,7 @@ from components.core.config import (
     parse_override,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_params_yaml_equals_typed_defaults() -> None:

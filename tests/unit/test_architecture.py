@@ -15,7 +15,7 @@ import yaml
 
 from components.stages import STAGES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("components", "registry", "flows", "metarec")
 
 
