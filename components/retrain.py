@@ -531,7 +531,7 @@ class SplitReevaluator:
         from components.evaluation import protocol as evaluate
 
         ev = self.cfg.eval
-        result = evaluate.evaluate(scorer, data, "test", ev.ks, ev.activity_buckets, ev.block_size)  # type: ignore[arg-type]
+        result = evaluate.evaluate(scorer, data, "test", ev.ks, ev.activity_buckets, ev.block_size)
         sections: dict[str, Any] = {"warm": result["overall"]}
         if "cold_items" in result["slices"]:
             sections["cold"] = result["slices"]["cold_items"]

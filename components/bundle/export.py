@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -52,7 +52,6 @@ from components.core.storage import read_json, write_json
 from components.evaluation import protocol as evaluate
 
 if TYPE_CHECKING:  # the stage helpers are imported where they are used
-    from components.baselines import Recommender
     from components.core.config import Config
     from components.core.workspace import Paths
     from components.model.net import FusionNet
@@ -528,7 +527,7 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
     # NDCG parity: the evaluate stage's protocol with the ONNX scorer in place of torch.
     name = parity_metric(cfg.eval.ks)
     onnx_eval = evaluate.evaluate(
-        cast("Recommender", scorer),
+        scorer,
         loaded.data,
         "test",
         cfg.eval.ks,

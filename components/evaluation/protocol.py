@@ -9,7 +9,7 @@ users with at least one held-out item.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,8 +17,11 @@ import scipy.sparse as sp
 from components.evaluation.metrics import compute_metrics
 from components.evaluation.ranking import PAD, rank_all
 
-if TYPE_CHECKING:  # torch-heavy; only the type is needed here
-    from components.baselines import Recommender
+
+class Scorer(Protocol):
+    """What the protocol needs of a model: every recommender, and a serving bundle's ONNX scorer."""
+
+    def score(self, users: np.ndarray, history: sp.csr_matrix | None = None) -> np.ndarray: ...
 
 
 @dataclass
@@ -58,7 +61,7 @@ def activity_labels(train: sp.csr_matrix, edges: list[int]) -> np.ndarray:
 
 
 def evaluate(
-    model: Recommender,
+    model: Scorer,
     data: EvalData,
     part: str,
     ks: list[int],
