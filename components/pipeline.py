@@ -21,6 +21,7 @@ import yaml
 
 from components.core import tracking
 from components.core.config import Config, apply_overrides, build_config, read_params
+from components.core.secrets import redact, redact_url
 from components.core.storage import atomic_file
 from components.core.workspace import Paths, workspace_config
 from components.data import fetch
@@ -29,6 +30,20 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE_ENV = "METAREC_WORKSPACE"
 # A file `metarec stage` writes its error message to, so the flow reports that message, not DVC's log.
 STAGE_ERROR_ENV = "METAREC_STAGE_ERROR_FILE"
+#: The DVC remote ``data.remote`` configures in a workspace, as its default remote.
+REMOTE_NAME = "metarec"
+# Remote schemes DVC supports through a plugin package of its own (``pip install "dvc[s3]"`` etc.).
+_REMOTE_PLUGINS = {
+    "s3": "dvc_s3",
+    "gs": "dvc_gs",
+    "azure": "dvc_azure",
+    "ssh": "dvc_ssh",
+    "webdav": "dvc_webdav",
+    "webdavs": "dvc_webdav",
+    "oss": "dvc_oss",
+    "hdfs": "dvc_hdfs",
+    "gdrive": "dvc_gdrive",
+}
 
 
 class PipelineError(RuntimeError):
@@ -84,12 +99,16 @@ def prepare_workspace(workspace: Path, overrides: list[str] | None = None) -> Co
     base = read_params(paths.params) if paths.params.exists() else read_params(PROJECT_ROOT / "params.yaml")
     tree = apply_overrides(base, overrides or [])
     cfg = build_config(tree, source=f"{paths.params} with overrides {overrides or []}")
+    remote = remote_url(cfg.data.remote)
+    check_remote(remote)
     workspace.mkdir(parents=True, exist_ok=True)
     if not (workspace / ".dvc").is_dir():
         proc = _dvc(workspace, "init", "--no-scm", "-q")
         if proc.returncode != 0:
             raise PipelineError(f"dvc init failed in {workspace}:\n{proc.stderr.strip()}")
         _dvc(workspace, "config", "core.analytics", "false")
+    configure_remote(workspace, remote)
+    tree.setdefault("data", {})["remote"] = remote
     # dvc.yaml is the project's single pipeline definition; the workspace always gets the current one.
     shutil.copyfile(PROJECT_ROOT / "dvc.yaml", workspace / "dvc.yaml")
     if cfg.data.path is not None:
@@ -105,6 +124,71 @@ def prepare_workspace(workspace: Path, overrides: list[str] | None = None) -> Co
         with atomic_file(paths.params) as handle:
             handle.write(text)
     return cfg
+
+
+def remote_url(remote: str | None) -> str | None:
+    """``data.remote`` as DVC is given it: a URL unchanged, a directory absolute (relative to the cwd)."""
+    if not remote:
+        return None
+    if "://" in remote:
+        return remote
+    return str(Path(remote).expanduser().resolve())
+
+
+def check_remote(url: str | None) -> None:
+    """Refuse a remote whose scheme needs a DVC plugin that is not installed (before any push fails)."""
+    if not url or "://" not in url:
+        return
+    import importlib.util
+
+    scheme = url.partition("://")[0].lower()
+    plugin = _REMOTE_PLUGINS.get(scheme)
+    if plugin and importlib.util.find_spec(plugin) is None:
+        extra = plugin.removeprefix("dvc_")
+        raise PipelineError(
+            f"data.remote {redact_url(url)}: DVC needs the {plugin.replace('_', '-')} package for "
+            f'{scheme}:// remotes (pip install "dvc[{extra}]")'
+        )
+
+
+def configured_remote(workspace: Path) -> str | None:
+    """The URL of the workspace's ``metarec`` DVC remote when it is the default remote, else None."""
+    from configobj import ConfigObj
+
+    path = Path(workspace) / ".dvc" / "config"
+    if not path.exists():
+        return None
+    conf = ConfigObj(str(path))
+    if conf.get("core", {}).get("remote") != REMOTE_NAME:
+        return None
+    url = conf.get(f'remote "{REMOTE_NAME}"', {}).get("url")
+    return str(url) if url else None
+
+
+def configure_remote(workspace: Path, url: str | None) -> None:
+    """Make ``url`` the workspace's default DVC remote ``metarec`` (None: remove it); idempotent.
+
+    Only the URL is written to ``.dvc/config``. Credentials stay in the environment (``AWS_*`` for
+    S3-compatible stores) or in ``.dvc/config.local`` (``dvc remote modify --local metarec ...``), which
+    re-adding the remote leaves alone.
+    """
+    workspace = Path(workspace)
+    current = configured_remote(workspace)
+    if url is None:
+        from configobj import ConfigObj
+
+        path = workspace / ".dvc" / "config"
+        if path.exists() and f'remote "{REMOTE_NAME}"' in ConfigObj(str(path)):
+            _dvc(workspace, "remote", "remove", REMOTE_NAME)
+        return
+    if current == url:
+        return
+    proc = _dvc(workspace, "remote", "add", "-d", "-f", REMOTE_NAME, url)
+    if proc.returncode != 0:
+        raise PipelineError(
+            f"cannot configure DVC remote {REMOTE_NAME!r} ({redact_url(url)}) in {workspace}:\n"
+            + redact((proc.stdout + proc.stderr).strip())
+        )
 
 
 @dataclass

@@ -10,6 +10,10 @@ Data versions live under ``<workspace>/data/feedback/``:
 * ``versions.json`` records each version (path, parent, feedback high-water mark, counts, DVC hash)
   and each retraining window (which data version it made, its status and its result), which is
   what makes a second trigger for the same window return the first one's result.
+* With ``data.remote`` set, every version is ``dvc push``-ed to that DVC remote (with retries) and
+  recorded as pushed there; a version whose push failed stays recorded as not pushed, and the next
+  :func:`ensure_base` or :func:`push_pending` pushes it. A second machine pulls the versions from the
+  remote (docs/production.md).
 
 New data changes the evaluation split, and the registry's gate refuses to compare metrics measured
 on different data. :class:`SplitReevaluator` measures the champion's and the challenger's bundles side
@@ -28,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -40,6 +45,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from components.core.config import Config, RetrainConfig
+from components.core.secrets import redact, redact_url
 from components.core.storage import atomic_dir, read_json, write_json
 from components.data import fetch
 
@@ -50,10 +56,17 @@ if TYPE_CHECKING:
 FEEDBACK_DATA = Path("data") / "feedback"
 VERSIONS_FILE = "versions.json"
 LOCK_FILE = "retrain.lock"
+#: Tries of one ``dvc push``, and the wait before the second (doubling after each failed try).
+PUSH_ATTEMPTS = 3
+PUSH_RETRY_SECONDS = 2.0
 
 
 class RetrainError(RuntimeError):
     """A data version that cannot be made as asked; nothing was recorded."""
+
+
+class DataPushError(RetrainError):
+    """A data version was recorded but could not be pushed to the DVC remote: it stays not pushed."""
 
 
 def _now() -> str:
@@ -78,6 +91,10 @@ class DataVersion:
     source: str = ""
     window: str = ""
     dvc_md5: str = ""
+    # Whether the content is on the DVC remote, which one (URL, password masked) and since when.
+    pushed: bool = False
+    remote: str = ""
+    pushed_at: str = ""
 
 
 class DataVersions:
@@ -129,6 +146,14 @@ class DataVersions:
         """Record a new data version (in memory; call :meth:`save`)."""
         self._data["versions"].append(asdict(version))
 
+    def update(self, number: int, **fields: Any) -> DataVersion:
+        """Change recorded fields of version ``number`` (in memory; call :meth:`save`)."""
+        for entry in self._data["versions"]:
+            if entry["version"] == number:
+                entry.update(fields)
+                return DataVersion(**entry)
+        raise KeyError(f"no data version {number} in {self.file}")
+
     def by_path(self, path: str | Path | None) -> DataVersion | None:
         """The data version whose directory is ``path`` (absolute or workspace-relative)."""
         if not path:
@@ -155,17 +180,22 @@ class DataVersions:
         return json.loads(json.dumps(self._data))
 
 
-def _dvc_add(workspace: Path, rel: Path) -> str:
-    """``dvc add`` a directory inside the workspace; return the DVC hash of its content."""
+def _dvc_env() -> dict[str, str]:
+    # The whole environment: S3-compatible remotes take their credentials from AWS_* variables.
     env = dict(os.environ)
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _dvc_add(workspace: Path, rel: Path) -> str:
+    """``dvc add`` a directory inside the workspace; return the DVC hash of its content."""
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", "add", "-q", str(rel)],
         cwd=workspace,
         capture_output=True,
         text=True,
-        env=env,
+        env=_dvc_env(),
     )
     if proc.returncode != 0:
         raise RetrainError(f"dvc add {rel} failed in {workspace}:\n{(proc.stdout + proc.stderr)[-2000:]}")
@@ -174,6 +204,93 @@ def _dvc_add(workspace: Path, rel: Path) -> str:
     pointer = yaml.safe_load((workspace / rel.parent / f"{rel.name}.dvc").read_text(encoding="utf-8"))
     outs = pointer.get("outs") or [{}]
     return str(outs[0].get("md5", ""))
+
+
+def _dvc_push(workspace: Path, targets: list[str], url: str) -> None:
+    """``dvc push`` ``.dvc`` targets to the workspace's ``metarec`` remote, tried PUSH_ATTEMPTS times."""
+    from components.pipeline import REMOTE_NAME, PipelineError, configure_remote
+
+    shown = f"DVC remote {REMOTE_NAME!r} ({redact_url(url)})"
+    what = " ".join(targets)
+    try:
+        configure_remote(workspace, url)  # the remote pushed to is the one recorded
+    except PipelineError as err:
+        raise DataPushError(f"cannot push {what} to {shown}: {err}") from None
+    wait, output = PUSH_RETRY_SECONDS, ""
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "push", "-r", REMOTE_NAME, *targets],  # -q would hide the ERROR
+            cwd=workspace,
+            capture_output=True,
+            text=True,
+            env=_dvc_env(),
+        )
+        if proc.returncode == 0:
+            return
+        log = (proc.stdout + proc.stderr).strip()
+        errors = [line for line in log.splitlines() if line.startswith("ERROR")]
+        output = redact("\n".join(errors) or log)[-2000:]
+        if attempt < PUSH_ATTEMPTS:
+            time.sleep(wait)
+            wait *= 2
+    raise DataPushError(
+        f"dvc push {what} to {shown} failed after {PUSH_ATTEMPTS} attempt(s); recorded as not pushed, "
+        f"the next retrain pushes it again:\n{output}"
+    )
+
+
+def _push(versions: DataVersions, numbers: list[int], url: str) -> list[DataVersion]:
+    """Push versions ``numbers`` in one ``dvc push`` and record them as pushed to ``url``."""
+    if not numbers:
+        return []
+    paths = {v.version: v.path for v in versions.versions}
+    missing = [n for n in numbers if n not in paths]
+    if missing:
+        raise KeyError(f"no data version {missing[0]} in {versions.file}")
+    _dvc_push(versions.workspace, [f"{paths[n]}.dvc" for n in numbers], url)
+    when = _now()
+    pushed = [versions.update(n, pushed=True, remote=redact_url(url), pushed_at=when) for n in numbers]
+    versions.save()
+    return pushed
+
+
+def push_version(versions: DataVersions, number: int, remote: str | None) -> DataVersion:
+    """Push data version ``number`` to the DVC remote ``remote`` and record it as pushed there.
+
+    Idempotent: DVC uploads only what the remote lacks. Without a remote, nothing happens.
+
+    Raises:
+        DataPushError: Every try failed (the message names the remote); the version stays recorded as
+            not pushed, so the next :func:`push_pending` pushes it.
+    """
+    from components.pipeline import remote_url
+
+    url = remote_url(remote)
+    if url is not None:
+        return _push(versions, [number], url)[0]
+    version = next((v for v in versions.versions if v.version == number), None)
+    if version is None:
+        raise KeyError(f"no data version {number} in {versions.file}")
+    return version
+
+
+def push_pending(versions: DataVersions, remote: str | None) -> list[DataVersion]:
+    """Push every data version not yet on ``remote``, in one ``dvc push``; return those pushed.
+
+    Call under :meth:`DataVersions.locked`. Without a remote, nothing happens.
+
+    Raises:
+        DataPushError: As :func:`push_version`; none of them is recorded as pushed then.
+    """
+    from components.pipeline import remote_url
+
+    url = remote_url(remote)
+    if url is None:
+        return []
+    shown = redact_url(url)
+    return _push(
+        versions, [v.version for v in versions.versions if not (v.pushed and v.remote == shown)], url
+    )
 
 
 def read_inter(path: Path) -> tuple[list[str], pd.DataFrame]:
@@ -287,11 +404,14 @@ def _inter_stats(path: Path) -> tuple[int, float | None, set[tuple[str, str]]]:
 def ensure_base(versions: DataVersions, cfg: Config, url: str) -> DataVersion:
     """The newest data version; when there is none, ``v0``: a tracked copy of the configured dataset.
 
-    Call under :meth:`DataVersions.locked`; saves ``versions.json`` when it adds ``v0``.
+    Call under :meth:`DataVersions.locked`; saves ``versions.json`` when it adds ``v0``. With
+    ``data.remote`` set, first pushes every version not yet there (``v0`` when new, and any whose push
+    failed before), raising :class:`DataPushError` when that fails.
     """
     latest = versions.latest()
     if latest is not None:
-        return latest
+        push_pending(versions, cfg.data.remote)
+        return versions.versions[-1]
     name = cfg.data.name
     rel = FEEDBACK_DATA / "v0"
     dest = versions.workspace / rel
@@ -301,11 +421,17 @@ def ensure_base(versions: DataVersions, cfg: Config, url: str) -> DataVersion:
             path.rename(tmp / path.name)
         (tmp / "data").rmdir()
     source = cfg.data.path or f"pypi:recbole=={fetch.RECBOLE_VERSION}"
-    return register_base(versions, rel, name, url, source)
+    return register_base(versions, rel, name, url, source, remote=cfg.data.remote)
 
 
-def register_base(versions: DataVersions, rel: Path, name: str, url: str, source: str) -> DataVersion:
-    """Record the dataset written at ``rel`` (inside the workspace) as ``v0`` and ``dvc add`` it."""
+def register_base(
+    versions: DataVersions, rel: Path, name: str, url: str, source: str, remote: str | None = None
+) -> DataVersion:
+    """Record the dataset written at ``rel`` (inside the workspace) as ``v0`` and ``dvc add`` it.
+
+    With a ``remote``, ``v0`` is then pushed there (:func:`push_version`; recorded first, so a failed
+    push leaves it recorded as not pushed).
+    """
     dest = versions.workspace / rel
     if (dest / f"{name}.train.inter").exists():
         raise RetrainError(
@@ -321,7 +447,7 @@ def register_base(versions: DataVersions, rel: Path, name: str, url: str, source
         path=str(rel),
         name=name,
         parent=None,
-        feedback_url=url,
+        feedback_url=redact_url(url),  # kept in versions.json: never a password
         feedback_seq=0,
         n_interactions=n,
         n_appended=0,
@@ -332,12 +458,12 @@ def register_base(versions: DataVersions, rel: Path, name: str, url: str, source
     )
     versions.add(base)
     versions.save()
-    return base
+    return push_version(versions, 0, remote)
 
 
 def feedback_after(previous: DataVersion, url: str) -> int:
     """Store sequence after which feedback is new to ``previous`` (0 when the store changed)."""
-    return previous.feedback_seq if previous.feedback_url == url else 0
+    return previous.feedback_seq if previous.feedback_url == redact_url(url) else 0
 
 
 def append_version(
@@ -348,12 +474,20 @@ def append_version(
     url: str,
     cfg: Config,
     window: str = "",
+    push: bool = True,
 ) -> tuple[DataVersion | None, dict[str, int]]:
     """Write ``v<N>``: ``previous`` plus the new interactions in ``events``; ``dvc add`` it.
+
+    With ``push`` and ``data.remote`` set, the new version is then pushed (:func:`push_version`); a
+    caller that has more to record first (the retrain flow: the window) passes ``push=False`` and
+    pushes with :func:`push_pending` itself.
 
     Returns:
         The new version (None when fewer than ``retrain.min_new_interactions`` rows were new; nothing
         is written then) and the counts of :func:`new_interactions`.
+
+    Raises:
+        DataPushError: The push failed; the version is recorded, as not pushed.
     """
     src = versions.workspace / previous.path
     name = previous.name
@@ -389,7 +523,7 @@ def append_version(
         path=str(rel),
         name=name,
         parent=previous.version,
-        feedback_url=url,
+        feedback_url=redact_url(url),  # kept in versions.json: never a password
         feedback_seq=high_water,
         n_interactions=previous.n_interactions + len(rows),
         n_appended=len(rows),
@@ -401,6 +535,8 @@ def append_version(
     )
     versions.add(version)
     versions.save()
+    if push:
+        version = push_version(versions, number, cfg.data.remote)
     return version, counts
 
 

@@ -6,7 +6,9 @@
    ``data/feedback/versions.json``; the whole store when the champion predates retraining), cut by
    ``since_ts``/``until_ts`` when given.
 3. Every check of ``components.drift`` runs; the HTML report, one PNG per check and the statistics
-   as metrics go to an MLflow run in the ``<experiment>-monitor`` experiment.
+   as metrics go to an MLflow run in the ``<experiment>-monitor`` experiment. With
+   ``METAREC_DRIFT_TEXTFILE_DIR`` set, the verdict also goes to a node_exporter textfile there, for the
+   Prometheus drift alerts (``deploy/prometheus/alerts.yml``, docs/alerts.md).
 4. On drift the flow emits ``metarec.drift.detected`` (payload: window, fired checks, every
    statistic). The ``retrain`` deployment's trigger (``flows/deploy.py``) starts retraining from it;
    ``deploy.trigger`` adds an explicit ``run_deployment`` or an inline subflow (docs/operations.md).
@@ -17,12 +19,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.core.config import Config
 from components.core.workspace import workspace_config
 from components.drift import reference as monitoring
+from components.drift import report
 from registry import promotion
 
 
@@ -37,7 +41,29 @@ def load_reference(workspace: str, cfg: Config) -> monitoring.ReferenceData:
 read_feedback = task(name="read-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)(
     monitoring.read_window
 )
-drift_report = task(name="drift-report", cache_policy=NO_CACHE)(monitoring.report_window)
+
+
+@task(name="drift-report", cache_policy=NO_CACHE)
+def drift_report(
+    workspace: Path,
+    cfg: Config,
+    ref: monitoring.ReferenceData,
+    events: pd.DataFrame,
+    window: str,
+    step: int | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Check and report the window to MLflow, then publish the verdict for Prometheus (docs/alerts.md)."""
+    checked = monitoring.report_window(workspace, cfg, ref, events, window, step, tags)
+    try:
+        written = report.write_textfile(checked["payload"])
+    except OSError as err:
+        # The check and its report stand; the stale-check alert notices the file going old.
+        get_run_logger().warning("could not write the drift textfile: %s", err)
+    else:
+        if written is not None:
+            get_run_logger().info("drift verdict written to %s", written)
+    return checked
 
 
 @task(name="emit-drift-event", cache_policy=NO_CACHE)

@@ -16,7 +16,14 @@ from prefect.cache_policies import NO_CACHE
 
 from components.core.workspace import workspace_config
 from components.drift import reference as monitoring
-from components.retrain import DataVersion, DataVersions, append_version, ensure_base, feedback_after
+from components.retrain import (
+    DataVersion,
+    DataVersions,
+    append_version,
+    ensure_base,
+    feedback_after,
+    push_pending,
+)
 
 
 @task(name="snapshot-feedback", cache_policy=NO_CACHE)
@@ -24,6 +31,9 @@ def snapshot_feedback(
     versions: DataVersions, url: str, window: str
 ) -> tuple[dict[str, Any] | None, dict[str, int], str]:
     """Append the feedback after the latest data version as a new one (``dvc add``-ed).
+
+    With ``data.remote`` set, versions not yet on the remote are pushed first; the new one is pushed by
+    the flow once its window is recorded (a failed push then leaves the window to resume on it).
 
     Returns:
         The new version (None when nothing new), the counts, and the window id (the given one, or
@@ -34,7 +44,7 @@ def snapshot_feedback(
     after = feedback_after(base, url)
     events, high_water = monitoring.read_window(versions.workspace, cfg, after, url=url)
     name = window or f"seq-{after}-{high_water}"
-    version, counts = append_version(versions, base, events, high_water, url, cfg, name)
+    version, counts = append_version(versions, base, events, high_water, url, cfg, name, push=False)
     logger = get_run_logger()
     if version is None:
         logger.info("no new interactions after store seq %d (%s)", after, counts)
@@ -119,6 +129,10 @@ def retrain(
         dv = DataVersion(**version)
         versions.set_window(name, status="training", data_version=dv.version, counts=counts, reason=reason)
         versions.save()
+        # On the DVC remote before training: no model is trained on data another machine cannot pull.
+        # A failed push fails the flow here; the window then resumes on this version and pushes again.
+        for pushed in push_pending(versions, cfg.data.remote):
+            logger.info("data version v%d pushed to DVC remote %s", pushed.version, pushed.remote)
         # The data version last: no other override may swap the data it is meant to train on.
         data_path = Path(ws) / dv.path
         train_overrides = [

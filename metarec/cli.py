@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from components.core.logs import DEBUG_ENV, State, log, log_to
+from components.core.secrets import redact, redact_url
 from components.stages import STAGES
 
 
@@ -79,10 +80,11 @@ def _workspace(value: Path | None) -> Path:
 
 
 def _configured_uri(ws: Path) -> str:
-    """The workspace's ``tracking.uri`` (empty: its own sqlite store)."""
+    """The workspace's tracking server: ``METAREC_TRACKING_URI[_FILE]``, else ``tracking.uri`` ("": none)."""
+    from components.core.tracking import configured_uri
     from components.core.workspace import workspace_config
 
-    return workspace_config(ws, missing_ok=True).tracking.uri
+    return configured_uri(workspace_config(ws, missing_ok=True).tracking.uri)
 
 
 def _orchestrate() -> None:
@@ -103,14 +105,16 @@ def _fail(message: str, details: bool = False) -> typer.Exit:
     Called while handling an exception, it logs that exception's traceback (and a failed stage's DVC
     output) to the workspace log, or prints them with --debug; ``details`` points the user there.
     """
+    # Errors may quote a database or tracking URL: never print (or log) its password.
+    message = redact(message)
     exc = sys.exc_info()[1]
-    stage_log = str(getattr(exc, "log", "") or "")
+    stage_log = redact(str(getattr(exc, "log", "") or ""))
     if exc is not None:
         log.error("%s", message, exc_info=exc)
         if stage_log:
             log.error("output of the failed stage:\n%s", stage_log)
         if State.debug:
-            traceback.print_exception(exc)
+            print(redact("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
             if stage_log:
                 print(stage_log, file=sys.stderr)
     else:
@@ -219,9 +223,7 @@ def ablate(
 
 @app.command()
 def stage(
-    name: Annotated[
-        str, typer.Argument(help=" | ".join(STAGES))
-    ],
+    name: Annotated[str, typer.Argument(help=" | ".join(STAGES))],
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Run one pipeline stage in a workspace (this is what dvc.yaml calls)."""
@@ -373,7 +375,9 @@ def ui(
     ws = _workspace(workspace)
     configured = _configured_uri(ws)
     if configured:
-        raise _fail(f"this workspace tracks to {configured} (tracking.uri); open that server's UI instead")
+        raise _fail(
+            f"this workspace tracks to {redact_url(configured)} (tracking.uri); open that server's UI instead"
+        )
     cmd = [
         sys.executable,
         "-m",
@@ -391,7 +395,7 @@ def ui(
         "--workers",
         "1",
     ]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {tracking_uri(ws)})")
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_url(tracking_uri(ws))})")
     os.execv(sys.executable, cmd)  # become the server: signals (SIGTERM) reach it, no orphan is left
 
 
@@ -454,6 +458,97 @@ def server_stop() -> None:
     console.print(
         f"stopped the Prefect server on {info.url} (pid {info.pid})" if info else "no server recorded"
     )
+
+
+services_app = typer.Typer(
+    help="The production stack on this machine, without Docker: PostgreSQL, MLflow, Prefect server, worker.",
+    no_args_is_help=True,
+)
+app.add_typer(services_app, name="services")
+
+StackHomeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--home",
+        envvar="METAREC_SERVICES_HOME",
+        help="State, data and logs of the stack (default: $METAREC_SERVICES_HOME or ~/.metarec/services).",
+    ),
+]
+
+
+@services_app.command("up")
+def services_up(
+    home: StackHomeOpt = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait for each service (default 240).")
+    ] = None,
+) -> None:
+    """Start PostgreSQL, the MLflow tracking server, the Prefect server and a worker (reusing what runs)."""
+    import shlex
+
+    from components.core.services import ServiceError
+    from components.core.stack import stack_env, stack_up
+
+    try:
+        stack, started = stack_up(
+            home, timeout=timeout, progress=lambda line: err.print(line, highlight=False, markup=False)
+        )
+        env = stack_env(Path(stack.home))
+    except ServiceError as exc:
+        raise _fail(str(exc)) from None
+    state = f"started {', '.join(started)}" if started else "already running"
+    console.print(f"stack {state} (home {stack.home}); to use it:", highlight=False)
+    hint = f'eval "$(metarec services env --home {shlex.quote(stack.home)})"'
+    console.print(f"  {hint}", highlight=False, markup=False)
+    for key, value in env.items():
+        console.print(f"  {key}={value}", highlight=False, markup=False)
+
+
+@services_app.command("down")
+def services_down(
+    home: StackHomeOpt = None,
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Also delete the stack's data: databases, artifacts, logs.")
+    ] = False,
+) -> None:
+    """Stop the worker, the Prefect server, the MLflow server and PostgreSQL (data kept unless --purge)."""
+    from components.core.services import ServiceError
+    from components.core.stack import stack_down
+
+    try:
+        stopped = stack_down(home, purge=purge)
+    except ServiceError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running", highlight=False)
+
+
+@services_app.command("status")
+def services_status(home: StackHomeOpt = None) -> None:
+    """Say whether each service runs and answers, where, and its log; exit 3 unless all do."""
+    from components.core.stack import stack_status
+
+    report = stack_status(home)
+    for item in report:
+        state = "running" if item.running else "DOWN"
+        console.print(f"{item.name:<9} {state:<8} {item.detail}", highlight=False, markup=False)
+    if not all(item.running for item in report):
+        raise typer.Exit(code=3)  # like `server status`: scripts can tell "not running" apart
+
+
+@services_app.command("env")
+def services_env(home: StackHomeOpt = None) -> None:
+    """Print `export K=V` lines for the running stack (no passwords): eval "$(metarec services env)"."""
+    import shlex
+
+    from components.core.services import ServiceError
+    from components.core.stack import stack_env
+
+    try:
+        env = stack_env(home)
+    except ServiceError as exc:
+        raise _fail(str(exc)) from None
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")
 
 
 registry_app = typer.Typer(
@@ -723,22 +818,36 @@ def retrain(
 def deploy(
     workspace: WorkspaceOpt = None,
     limit: Annotated[int | None, typer.Option(help="Concurrent flow runs this process executes.")] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Prefect work pool (type process) to register the deployments on for a worker "
+            "(default deploy.work_pool; none: serve them in this process)."
+        ),
+    ] = None,
 ) -> None:
-    """Create the monitor (hourly) and retrain (nightly + on drift) deployments and serve them."""
+    """Create the monitor (hourly) and retrain (nightly + on drift) deployments: serve them here, or
+    register them on a process work pool for a worker."""
     _orchestrate()
     from components.core.workspace import workspace_config
-    from flows.deploy import serve_deployments
+    from flows.deploy import deploy_to_pool, serve_deployments
 
     ws = _workspace(workspace)
     if not (ws / "params.yaml").exists():
         raise _fail(f"no params.yaml in {ws}; train the workspace first (`metarec run`)")
     cfg = workspace_config(ws)
     d = cfg.deploy
-    console.print(
-        f"serving monitor/{d.name} ({d.monitor_cron} {d.timezone}) and retrain/{d.name} "
-        f"({d.retrain_cron} {d.timezone}, and on metarec.drift.detected) for {ws}"
-    )
+    pool = pool or d.work_pool
     try:
+        if pool:
+            for name in deploy_to_pool(ws, cfg, pool):
+                console.print(f"deployed {name} to work pool {pool!r} for {ws}")
+            console.print(f"runs start once a worker serves the pool: prefect worker start --pool {pool}")
+            return
+        console.print(
+            f"serving monitor/{d.name} ({d.monitor_cron} {d.timezone}) and retrain/{d.name} "
+            f"({d.retrain_cron} {d.timezone}, and on metarec.drift.detected) for {ws}"
+        )
         serve_deployments(ws, cfg, limit=limit)
     except _ops_errors() as exc:
         raise _fail(str(exc)) from None

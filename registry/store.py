@@ -2,8 +2,11 @@
 
 One registered model (``registry.name``) holds every exported bundle as a version. A new version
 becomes ``challenger``; ``champion`` is the version that serves. The champion alias only moves under
-an inter-process file lock (MLflow has no compare-and-set for aliases) and only to a version whose
-bundle verified and that passed the gate (or was forced by a named person with a reason).
+the registry lock (MLflow has no compare-and-set for aliases) and only to a version whose bundle
+verified and that passed the gate (or was forced by a named person with a reason). The lock is a file
+lock in the workspace (one host), and with ``registry.lock_url`` (or ``METAREC_REGISTRY_LOCK_URL``)
+also a PostgreSQL session advisory lock keyed by the registry and the registered model, which every
+host promoting into the shared registry takes (docs/registry.md).
 
 Every alias move appends an audit event: a version tag ``metarec.audit.<seq>`` holding JSON with when,
 who, why, the action, the version moved from and the numbers the gate compared, and the registered
@@ -21,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
+import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,7 +37,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from components.bundle.format import FORMAT, MANIFEST, BundleError, file_sha256, verify_bundle
-from components.core.config import Config, RegistryConfig
+from components.core.config import REGISTRY_LOCK_URL_ENV, Config, RegistryConfig
+from components.core.secrets import SecretConfigError, read_secret, redact, redact_url
+from components.core.tracking import configured_uri
 from components.core.workspace import workspace_config
 from registry.gate import Candidate, GateDecision, Reevaluation, evaluate_gate, metric
 
@@ -41,6 +49,11 @@ AUDIT_PREFIX = "metarec.audit."
 LAST_MOVE = "metarec.last_move"
 MODEL_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 LOCK_FILE = "registry.lock"
+#: Seconds to wait for the lock database to accept a connection.
+LOCK_CONNECT_TIMEOUT = 10
+#: The version tag holding the sha256 of the registered bundle's ``bundle.json``.
+DIGEST_TAG = "metarec.bundle_sha256"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Moves that make their version champion, and the one that returns to the previous champion.
 PROMOTING = ("promote", "force-promote", "recovered")
 _ROLLBACK = "rollback"
@@ -92,6 +105,32 @@ class Move:
     event: dict[str, Any] = field(default_factory=dict)
 
 
+def check_registered_digest(mv: Any, bundle: Path) -> None:
+    """Check a downloaded bundle's ``bundle.json`` against the digest registered with its version.
+
+    The manifest lists every file's sha256, so this one digest pins the whole bundle to what was
+    registered. A version without it cannot be told apart from one whose bundle was swapped in the
+    artifact store, so it is refused, never trusted.
+
+    Raises:
+        BundleError: The version has no registered digest, or ``bundle.json`` does not match it.
+    """
+    expected = (mv.tags or {}).get(DIGEST_TAG)
+    if not expected:
+        raise BundleError(
+            f"version {mv.version} of {mv.name!r} has no registered digest (version tag {DIGEST_TAG} is "
+            f"missing), so its bundle cannot be checked against what was registered and is refused. "
+            f"Re-register the bundle (a training run, or registry.store.Registry.register(<bundle dir>)), "
+            f"which tags the new version with its digest, and promote that version instead"
+        )
+    digest = file_sha256(bundle / MANIFEST)
+    if digest != expected:
+        raise BundleError(
+            f"version {mv.version}: {MANIFEST} sha256 mismatch, expected {expected} (registered), "
+            f"got {digest}"
+        )
+
+
 def champion_history(events: list[dict[str, Any]]) -> list[str]:
     """Replay audit events into the stack of champions, the current one last.
 
@@ -109,6 +148,32 @@ def champion_history(events: list[dict[str, Any]]) -> list[str]:
             if not stack or stack[-1] != version:
                 stack.append(version)
     return stack
+
+
+def lock_key(name: str, uri: str) -> int:
+    """The PostgreSQL advisory-lock key (signed 64-bit) of registered model ``name`` in registry ``uri``.
+
+    Every host promoting into one registry must configure the same tracking URI (its password aside)
+    to compute the same key; a different registered model, or another registry, gets another lock.
+    """
+    ident = f"metarec.registry\0{redact_url(uri).rstrip('/')}\0{name}"
+    return int.from_bytes(hashlib.sha256(ident.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def _libpq_url(url: str) -> str:
+    """A lock URL as libpq takes it: SQLAlchemy's ``postgresql+driver://`` loses its driver.
+
+    Raises:
+        RegistryError: Not a PostgreSQL URL.
+    """
+    scheme, sep, rest = url.partition("://")
+    base = scheme.split("+", 1)[0].lower()
+    if not sep or base not in ("postgresql", "postgres"):
+        raise RegistryError(
+            f"registry lock URL {redact_url(url)!r} (registry.lock_url or {REGISTRY_LOCK_URL_ENV}) is not "
+            "a postgresql:// URL"
+        )
+    return f"{base}://{rest}"
 
 
 def _user() -> str:
@@ -188,8 +253,8 @@ class Registry:
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 raise RegistryError(
-                    f"no registered model {self.name!r} in {self.uri}; the training flow registers "
-                    "exported bundles"
+                    f"no registered model {self.name!r} in {redact_url(self.uri)}; the training flow "
+                    "registers exported bundles"
                 ) from None
             raise
 
@@ -308,8 +373,8 @@ class Registry:
             The verified manifest.
 
         Raises:
-            BundleError: A file is missing, unlisted or altered, or ``bundle.json`` itself changed since
-                registration; the message names the file.
+            BundleError: A file is missing, unlisted or altered, ``bundle.json`` itself changed since
+                registration, or the version has no registered digest; the message names the file.
         """
         with tempfile.TemporaryDirectory(prefix="metarec-verify-") as tmp:
             _, manifest = self.download_bundle(ref, Path(tmp))
@@ -342,20 +407,41 @@ class Registry:
             manifest = verify_bundle(local)
         except BundleError as exc:
             raise BundleError(f"version {mv.version}: {exc}") from None
-        digest = file_sha256(Path(local) / MANIFEST)
-        expected = (mv.tags or {}).get("metarec.bundle_sha256")
-        if expected and digest != expected:
-            raise BundleError(
-                f"version {mv.version}: {MANIFEST} sha256 mismatch, expected {expected} (registered), "
-                f"got {digest}"
-            )
+        check_registered_digest(mv, Path(local))
         return Path(local), manifest
 
     # ---- writing -------------------------------------------------------------------------------
 
+    @cached_property
+    def lock_url(self) -> str | None:
+        """The cross-host lock database: ``METAREC_REGISTRY_LOCK_URL[_FILE]``, else ``registry.lock_url``.
+
+        Raises:
+            RegistryError: Both variables are set, or the secret file is unusable.
+        """
+        try:
+            url = read_secret(REGISTRY_LOCK_URL_ENV) or self.cfg.lock_url
+        except SecretConfigError as exc:
+            raise RegistryError(f"registry lock: {exc}") from None
+        return url or None
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold the workspace's registry lock: one alias move at a time across processes."""
+        """Hold the registry lock: one alias move at a time, across processes and, configured, hosts.
+
+        The workspace's file lock always (threads and processes of this host), then, with a lock URL,
+        the PostgreSQL advisory lock (every host); both within ``registry.lock_timeout`` together.
+
+        Raises:
+            RegistryError: The lock stayed held past the timeout, or the lock database is unreachable.
+        """
+        deadline = time.monotonic() + self.cfg.lock_timeout
+        with self._file_lock(), self._advisory_lock(deadline):
+            yield
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """The workspace's lock file: one alias move at a time among this host's processes."""
         from filelock import FileLock, Timeout
 
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -372,6 +458,56 @@ class Registry:
             yield
         finally:
             lock.release()
+
+    @contextlib.contextmanager
+    def _advisory_lock(self, deadline: float) -> Iterator[None]:
+        """The PostgreSQL session advisory lock of this registered model, when a lock URL is set.
+
+        Held by a connection of its own for the whole operation: a process that dies releases it with
+        its connection, so a crash never leaves the registry locked.
+        """
+        url = self.lock_url
+        if url is None:
+            yield
+            return
+        import psycopg
+
+        key = lock_key(self.name, self.uri)
+        shown = redact_url(url)
+        try:
+            conn = psycopg.connect(
+                _libpq_url(url),
+                autocommit=True,
+                connect_timeout=LOCK_CONNECT_TIMEOUT,
+                application_name="metarec registry lock",
+            )
+        except psycopg.Error as exc:
+            raise RegistryError(
+                f"cannot connect to the registry lock database {shown} (registry.lock_url or "
+                f"{REGISTRY_LOCK_URL_ENV}): {redact(str(exc).strip())}"
+            ) from None
+        try:
+            # lock_timeout bounds the wait in pg_advisory_lock itself (0 would mean forever).
+            wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            try:
+                conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{wait_ms}ms",))
+                conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            except psycopg.errors.LockNotAvailable:
+                raise RegistryError(
+                    f"another registry operation holds the promotion lock of {self.name!r} (advisory "
+                    f"lock {key} in {shown}) for more than {self.cfg.lock_timeout:g}s; retry later"
+                ) from None
+            except psycopg.Error as exc:
+                raise RegistryError(
+                    f"cannot take the registry lock in {shown}: {redact(str(exc).strip())}"
+                ) from None
+            try:
+                yield
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        finally:
+            conn.close()
 
     def _event(
         self,
@@ -486,9 +622,12 @@ class Registry:
     def _version_tags(self, manifest: dict[str, Any], digest: str) -> dict[str, str]:
         from components.core.tracking import metric_name
 
+        if not _SHA256.fullmatch(digest or ""):
+            # Every version carries its manifest's digest: serving and promotion refuse one without it.
+            raise RegistryError(f"refusing to register a bundle without its {MANIFEST} sha256 ({digest!r})")
         tags = {
             "metarec.bundle_format": FORMAT,
-            "metarec.bundle_sha256": digest,
+            DIGEST_TAG: digest,
             "metarec.git_commit": str(manifest["git_commit"]),
             "metarec.data_version": json.dumps(manifest["data_version"], sort_keys=True),
             "metarec.metrics": json.dumps(manifest["metrics"], sort_keys=True),
@@ -541,11 +680,15 @@ class Registry:
 
         Returns:
             The new ModelVersion.
+
+        Raises:
+            RegistryError: ``logged`` has no manifest digest (nothing is registered).
         """
         manifest = logged.manifest
         card = manifest["model_card"]
         if len(card) > _DESCRIPTION_MAX:
             card = card[: _DESCRIPTION_MAX - 60] + "\n\n…(truncated; the full card is in bundle.json)"
+        tags = self._version_tags(manifest, logged.digest)  # refuses a bundle without its digest
         with self._locked():
             self._ensure_model()
             events = self._reconcile()
@@ -557,7 +700,7 @@ class Registry:
                 self.name,
                 source=logged.model_uri,
                 run_id=logged.run_id,
-                tags=self._version_tags(manifest, logged.digest),
+                tags=tags,
                 description=card,
                 model_id=logged.model_id,
             )
@@ -570,7 +713,7 @@ class Registry:
             return None
         escaped = self.name.replace("'", "\\'")
         found = self.client.search_model_versions(f"name='{escaped}' and run_id='{run_id}'")
-        same = [mv for mv in found if (mv.tags or {}).get("metarec.bundle_sha256") == digest]
+        same = [mv for mv in found if (mv.tags or {}).get(DIGEST_TAG) == digest]
         return min(same, key=lambda mv: int(mv.version), default=None)
 
     def _make_challenger(self, version: str, events: list[dict[str, Any]]) -> None:
@@ -723,6 +866,6 @@ def open_registry(workspace: str | Path, config: Config | None = None, must_exis
     """
     ws = Path(workspace).resolve()
     config = workspace_config(ws, missing_ok=True) if config is None else config
-    if must_exist and not config.tracking.uri and not (ws / "mlflow.db").exists():
+    if must_exist and not configured_uri(config.tracking.uri) and not (ws / "mlflow.db").exists():
         raise RegistryError(f"no MLflow store in {ws}; run `metarec run` first")
     return Registry(ws, config)

@@ -1,5 +1,6 @@
-"""Shared fixtures: offline/quiet environment, the tiny dataset, a throwaway Prefect server, free ports
-and one CLI-trained workspace shared by the UI and CLI tests."""
+"""Shared fixtures: offline/quiet environment, the tiny dataset, a throwaway Prefect server, a PostgreSQL
+server (started only for the tests that ask for it), free ports and one CLI-trained workspace shared by the
+UI and CLI tests."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from components.core.services import PostgresServer
 
 TESTS_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = TESTS_DIR.parent
@@ -108,6 +114,63 @@ def prefect_harness() -> Iterator[None]:
     ensure_logging_setup()
     assert os.environ.get("PREFECT_API_URL"), "pytest_configure sets the session's Prefect API"
     yield
+
+
+@pytest.fixture(scope="session")
+def postgres_bin() -> Path:
+    """The PostgreSQL server binaries' directory; without PostgreSQL the test is skipped, or fails under CI.
+
+    CI (``CI`` set) must test the PostgreSQL paths: there a missing server is a failure, and the fix is
+    ``apt-get install postgresql`` (Debian's package).
+    """
+    from components.core import services
+
+    try:
+        return services.find_postgres()[0]
+    except services.PostgresNotInstalledError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL: {err}")
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session, started on first use and stopped (and deleted) at its end.
+
+    Started with ``components.core.services`` as ``postgres up`` starts one, password checks included:
+    its password reaches libpq clients (this process, server subprocesses) through ``PGPASSFILE``, set
+    for the session.
+    """
+    from components.core import services
+
+    home = tmp_path_factory.mktemp("postgres")
+    # fsync off: the cluster is deleted at the end, and the many small databases are quicker to create.
+    # Commits still go through the same code path; only the server's own flush to disk is skipped.
+    server, _ = services.start_postgres(home, fsync=False, progress=lambda line: print(line, file=sys.stderr))
+    saved = os.environ.get("PGPASSFILE")
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        if saved is None:
+            os.environ.pop("PGPASSFILE", None)
+        else:
+            os.environ["PGPASSFILE"] = saved
+        services.stop_postgres(home, remove=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """URL of the session's PostgreSQL server, its ``postgres`` database (password: in ``PGPASSFILE``)."""
+    return postgres_server.url()
+
+
+@pytest.fixture
+def postgres_db_url(postgres_server: PostgresServer) -> str:
+    """URL of a new, empty database on the session's PostgreSQL server, for this test alone."""
+    from components.core.services import create_database
+
+    return create_database(postgres_server, f"test_{uuid.uuid4().hex[:16]}", exist_ok=False)
 
 
 @pytest.fixture

@@ -201,9 +201,12 @@ class ServerProcess:
     """``python -m components.serving.server`` in a subprocess, serving the file-driven table engine."""
 
     def __init__(
-        self, tmp: Path, db: Path, version_file: Path, workers: int = 1, name: str = "server"
+        self, tmp: Path, db: Path | str, version_file: Path, workers: int = 1, name: str = "server"
     ) -> None:
-        """Prepare (not start) a server writing feedback to ``db``; its output goes to ``tmp/<name>.log``."""
+        """Prepare (not start) a server writing feedback to ``db``; its output goes to ``tmp/<name>.log``.
+
+        ``db`` is a SQLite file, or a feedback store URL (``postgresql://...``) used as it is.
+        """
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"{name}.log"
@@ -218,7 +221,7 @@ class ServerProcess:
             "--workers",
             str(workers),
             "--feedback-url",
-            f"sqlite:///{db}",
+            db if isinstance(db, str) and "://" in db else f"sqlite:///{db}",
             "--poll-seconds",
             "0.1",
             "--log-level",

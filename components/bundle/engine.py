@@ -101,6 +101,8 @@ class BundleEngine:
         directory = Path(directory)
         self.directory = directory
         self._version = version
+        # Registration time (epoch seconds), set by a source that knows it; exported for the age alert.
+        self.created_at: float | None = None
         self.manifest = json.loads((directory / "bundle.json").read_text(encoding="utf-8"))
         self.items = pd.read_parquet(directory / "items.parquet").sort_values("item")
         self.users = pd.read_parquet(directory / "users.parquet").sort_values("user")

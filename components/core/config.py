@@ -8,17 +8,30 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from components.core.secrets import FEEDBACK_URL_ENV, TRACKING_URI_ENV, password_refusal, redact
+
 #: Environment variable carrying ``ServeSettings`` as JSON to uvicorn worker processes.
 SETTINGS_ENV = "METAREC_SERVE_SETTINGS"
+#: The registry's cross-host promotion lock database (``registry.lock_url``), or a file holding it.
+REGISTRY_LOCK_URL_ENV = "METAREC_REGISTRY_LOCK_URL"
 
 
-class ServeSettings(BaseModel):
+class _Redacted(BaseModel):
+    """Shown (repr, str) with URL passwords masked, so printing settings never prints a credential."""
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if isinstance(value, str) else value
+
+
+class ServeSettings(_Redacted):
     """How ``metarec serve`` runs: what it loads, where it listens, where feedback goes, who may write."""
 
     # A typo in a setting must fail loudly instead of silently using a default.
@@ -39,6 +52,7 @@ class ServeSettings(BaseModel):
     # other requests run; scale with workers, not threads.
     threads: int = Field(default=1, ge=1)
     # sqlite:///relative.db or sqlite:////absolute.db; postgresql:// is the multi-host plan (not yet).
+    # A URL with a password comes from METAREC_FEEDBACK_URL or METAREC_FEEDBACK_URL_FILE, which win.
     feedback_url: str = "sqlite:///feedback/feedback.db"
     # How often the alias is checked, and how long a version that failed to load is left alone.
     poll_seconds: float = Field(default=5.0, gt=0)
@@ -51,6 +65,12 @@ class ServeSettings(BaseModel):
     log_level: str = "info"
     # One log line per request costs latency at hundreds of requests per second; /metrics counts them.
     access_log: bool = False
+    # Replace user ids in the access log and the serving logs by a keyed hash (HMAC-SHA256 with the key
+    # in METAREC_USER_ID_SALT or METAREC_USER_ID_SALT_FILE); the same id always gets the same hash.
+    hash_user_ids: bool = False
+    # Where verified bundles are cached: <cache_dir>/bundles/<registry+model key>/<version>, private to
+    # the user (0700). None: $METAREC_CACHE_DIR, else $XDG_CACHE_HOME/metarec, else ~/.cache/metarec.
+    cache_dir: str | None = None
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -75,6 +95,22 @@ class DataConfig(_Strict):
     # Content fingerprint of the source files, written by `metarec run` so DVC reruns fetch when the
     # external files change (DVC cannot track a directory outside the workspace).
     fingerprint: str = ""
+    # DVC remote every data version retraining makes is pushed to, and a second machine pulls from
+    # (docs/production.md): a directory (relative: to the current directory; stored absolute) or a
+    # URL such as s3://bucket/prefix. None: the workspace's local DVC cache only. No stage lists it,
+    # so changing it reruns nothing. Credentials never go here: AWS_* variables (S3-compatible stores)
+    # or `dvc remote modify --local`.
+    remote: str | None = None
+
+    @model_validator(mode="after")
+    def _no_password(self) -> DataConfig:
+        if self.remote and redact(self.remote) != self.remote:
+            raise ValueError(
+                f"data.remote holds a password ({redact(self.remote)}); params.yaml is committed and "
+                "logged, so remote credentials come from the environment (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY) or `dvc remote modify --local metarec ...`"
+            )
+        return self
 
 
 class KGConfig(_Strict):
@@ -310,8 +346,8 @@ class EvalConfig(_Strict):
         return self
 
 
-class TrackingConfig(_Strict):
-    """MLflow tracking; empty URIs mean the workspace's own sqlite store."""
+class TrackingConfig(_Strict, _Redacted):
+    """MLflow tracking; empty URIs mean the workspace's own sqlite store (METAREC_TRACKING_URI wins)."""
 
     experiment: str = "metarec"
     uri: str = ""
@@ -371,6 +407,11 @@ class RegistryConfig(_Strict):
     eval_data: list[str] = Field(default_factory=lambda: ["data/split"])
     # Seconds to wait for another process's alias move before giving up.
     lock_timeout: float = Field(default=120.0, gt=0)
+    # PostgreSQL database whose session advisory lock serializes alias moves across hosts (every host
+    # promoting into one shared registry must name the same database). None: a file lock in the
+    # workspace, which covers one host only. METAREC_REGISTRY_LOCK_URL[_FILE] wins; a password in it
+    # comes from there or from PGPASSFILE, never from params.yaml (docs/registry.md).
+    lock_url: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RegistryConfig:
@@ -489,6 +530,10 @@ class DeployConfig(_Strict):
     # without automations); "inline" runs the retrain flow as the monitor's subflow (no deployment);
     # "none" only reports. Retraining is idempotent per window, so a double start retrains once.
     trigger: Literal["event", "run_deployment", "inline", "none"] = "event"
+    # A Prefect work pool of type process: `metarec deploy` registers both deployments there and a
+    # worker (`prefect worker start --pool <name>`) runs them. None: `metarec deploy` serves them in
+    # its own process.
+    work_pool: str | None = Field(default=None, min_length=1)
 
 
 class Config(_Strict):
@@ -512,8 +557,9 @@ class Config(_Strict):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     def flat(self) -> dict[str, Any]:
-        """Return the config flattened to dotted keys, as logged to MLflow."""
-        return flatten(self.model_dump(mode="json"))
+        """Return the config flattened to dotted keys, as logged to MLflow (URL passwords masked)."""
+        flat = flatten(self.model_dump(mode="json"))
+        return {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
 
 
 class ConfigError(ValueError):
@@ -565,15 +611,30 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def build_config(tree: dict[str, Any], source: str = "params") -> Config:
-    """Validate a raw dict into a Config, naming the offending field on error."""
+    """Validate a raw dict into a Config, naming the offending field on error.
+
+    Raises:
+        ConfigError: The tree does not fit the typed config, or a URL in it holds a password (credentials
+            come from the environment or secret files, never from a params file).
+    """
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {where}: {err['msg']} (got {redact(repr(err.get('input')))})")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+    urls = [
+        ("tracking.uri", cfg.tracking.uri, TRACKING_URI_ENV),
+        ("serve.tracking_uri", cfg.serve.tracking_uri or "", TRACKING_URI_ENV),
+        ("serve.feedback_url", cfg.serve.feedback_url, FEEDBACK_URL_ENV),
+        ("registry.lock_url", cfg.registry.lock_url or "", REGISTRY_LOCK_URL_ENV),
+    ]
+    refusals = [why for field, url, env in urls if (why := password_refusal(field, url, env))]
+    if refusals:
+        raise ConfigError(f"{source}: " + "; ".join(refusals))
+    return cfg
 
 
 def read_params(path: Path) -> dict[str, Any]:

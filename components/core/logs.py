@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from components.core.secrets import RedactingFilter
+
 DEBUG_ENV = "METAREC_DEBUG"
 LOG_FILE = Path("logs") / "metarec.log"  # under the workspace
 log = logging.getLogger("metarec.cli")
@@ -32,6 +34,7 @@ class _WorkspaceLog(logging.FileHandler):
     def __init__(self, path: Path) -> None:
         super().__init__(path, encoding="utf-8", delay=True)
         self.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        self.addFilter(RedactingFilter())  # tracebacks may quote a database URL: never its password
 
     def emit(self, record: logging.LogRecord) -> None:
         path = Path(self.baseFilename)

@@ -15,9 +15,20 @@ PARENT_ENV = "METAREC_PARENT_RUN_ID"
 CODE_ROOT = Path(__file__).resolve().parents[2]
 
 
+def configured_uri(configured: str = "") -> str:
+    """The tracking server's URI: ``METAREC_TRACKING_URI[_FILE]`` when set, else ``configured`` ("": none)."""
+    from components.core.secrets import tracking_uri as from_env
+
+    return from_env(configured)
+
+
 def tracking_uri(workspace: Path, configured: str = "") -> str:
-    """Return the tracking URI: the configured one, else ``sqlite:///<workspace>/mlflow.db``."""
-    return configured or f"sqlite:///{(Path(workspace).resolve() / 'mlflow.db').as_posix()}"
+    """Return the tracking URI: the environment's or configured one, else ``sqlite:///<workspace>/mlflow.db``.
+
+    It may hold credentials (from the environment): print or log it only through
+    ``components.core.secrets.redact_url``.
+    """
+    return configured_uri(configured) or f"sqlite:///{(Path(workspace).resolve() / 'mlflow.db').as_posix()}"
 
 
 def artifact_root(workspace: Path) -> str:
@@ -25,16 +36,16 @@ def artifact_root(workspace: Path) -> str:
     return (Path(workspace).resolve() / "mlartifacts").as_uri()
 
 
-def setup(workspace: Path, experiment: str, configured_uri: str = "") -> str:
+def setup(workspace: Path, experiment: str, configured: str = "") -> str:
     """Point MLflow at the workspace store and return the experiment id (created if missing)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(workspace, configured_uri))
+    mlflow.set_tracking_uri(tracking_uri(workspace, configured))
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         return str(found.experiment_id)
     # With the workspace's own store, artifacts live beside it; a configured server decides for itself.
-    location = None if configured_uri else artifact_root(workspace)
+    location = None if configured_uri(configured) else artifact_root(workspace)
     try:
         return str(mlflow.create_experiment(experiment, artifact_location=location))
     except Exception:  # another process created it between our lookup and create

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from components.core import secrets
 from components.core.config import Config
 from components.drift import checks as drift
 from components.drift import report
@@ -49,7 +50,7 @@ def workspace_resource(workspace: str | Path) -> dict[str, str]:
 
 def feedback_url(workspace: Path, cfg: Config, url: str | None = None) -> str:
     """The feedback store URL; relative ``sqlite:///`` paths resolve under the workspace, as in serving."""
-    url = url or cfg.serve.feedback_url
+    url = url or secrets.feedback_url(cfg.serve.feedback_url)  # METAREC_FEEDBACK_URL[_FILE] wins
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/"):
         return f"{prefix}{(Path(workspace) / url[len(prefix) :]).resolve()}"

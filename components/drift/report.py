@@ -1,12 +1,17 @@
-"""Drift report: one PNG per check, a self-contained HTML page, MLflow metrics and artifacts."""
+"""Drift report: one PNG per check, a self-contained HTML page, MLflow metrics and artifacts, and the
+verdict as a node_exporter textfile for Prometheus alerts (:func:`write_textfile`)."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
+import os
 import re
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,15 @@ from components.drift.checks import CheckResult, DriftResult
 
 HTML_FILE = "drift_report.html"
 JSON_FILE = "drift.json"
+#: node_exporter's textfile-collector directory (its ``--collector.textfile.directory``); unset: no file.
+TEXTFILE_DIR_ENV = "METAREC_DRIFT_TEXTFILE_DIR"
+#: The gauges :func:`write_textfile` writes (the alert rules and their tests rely on these names).
+TEXTFILE_METRICS = (
+    "metarec_drift_detected",
+    "metarec_drift_check_fired",
+    "metarec_drift_window_events",
+    "metarec_drift_last_check_timestamp_seconds",
+)
 # MLflow accepts letters, digits, '_', '-', '.', ' ' and '/' in metric names.
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
@@ -227,3 +241,81 @@ def log_to_mlflow(
     mlflow.set_tag("drift.fired", ",".join(result.fired) or "none")
     for path in files:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def textfile_path(directory: str | Path, workspace: str | Path) -> Path:
+    """``metarec_drift_<hash of the workspace>.prom``: one file per workspace, so several can share a host."""
+    digest = hashlib.sha256(str(Path(workspace).resolve()).encode()).hexdigest()[:12]
+    return Path(directory) / f"metarec_drift_{digest}.prom"
+
+
+def write_textfile(
+    payload: Mapping[str, Any],
+    directory: str | Path | None = None,
+    now: float | None = None,
+) -> Path | None:
+    """Publish one drift check's verdict for node_exporter's textfile collector.
+
+    Writes, labelled with the workspace (and the champion on the verdict)::
+
+        metarec_drift_detected{workspace,champion} 0|1
+        metarec_drift_check_fired{workspace,check} 0|1          (one per check)
+        metarec_drift_window_events{workspace} <events in the window>
+        metarec_drift_last_check_timestamp_seconds{workspace} <when this check ran>
+
+    The file is written to a temporary name and renamed, so the collector never reads half of it; it
+    is replaced by the next check, so the values always describe the latest one.
+
+    Args:
+        payload: The check's ``drift_payload`` (``workspace``, ``champion``, ``fired``, ``statistics``,
+            ``n_events``).
+        directory: The collector's directory; default ``$METAREC_DRIFT_TEXTFILE_DIR``. Nothing is written
+            when neither is set.
+        now: The check's time (epoch seconds); default now.
+
+    Returns:
+        The file written, or None when no directory is configured.
+
+    Raises:
+        OSError: The directory is missing or not writable.
+    """
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    target = directory if directory is not None else os.environ.get(TEXTFILE_DIR_ENV, "")
+    if not str(target).strip():
+        return None
+    workspace = str(payload["workspace"])
+    fired = set(payload.get("fired") or [])
+    checks = sorted(set(payload.get("statistics") or {}) | fired)
+    registry = CollectorRegistry()
+    detected = Gauge(
+        TEXTFILE_METRICS[0],
+        "1 when the last drift check of the workspace's champion fired, else 0.",
+        ["workspace", "champion"],
+        registry=registry,
+    )
+    detected.labels(workspace=workspace, champion=str(payload.get("champion") or "")).set(1 if fired else 0)
+    per_check = Gauge(
+        TEXTFILE_METRICS[1],
+        "1 for each check that fired in the last drift check, 0 for the others.",
+        ["workspace", "check"],
+        registry=registry,
+    )
+    for check in checks:
+        per_check.labels(workspace=workspace, check=check).set(1 if check in fired else 0)
+    Gauge(
+        TEXTFILE_METRICS[2],
+        "Feedback events in the last drift check's window.",
+        ["workspace"],
+        registry=registry,
+    ).labels(workspace=workspace).set(float(payload.get("n_events") or 0))
+    Gauge(
+        TEXTFILE_METRICS[3],
+        "When the last drift check ran (seconds since the epoch); the stale-check alert watches it.",
+        ["workspace"],
+        registry=registry,
+    ).labels(workspace=workspace).set(time.time() if now is None else now)
+    path = textfile_path(target, workspace)
+    # Temporary sibling (not *.prom, so the collector skips it) renamed over the file: atomic.
+    write_to_textfile(str(path), registry)
+    return path

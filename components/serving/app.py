@@ -33,6 +33,8 @@ MAX_K = 1000
 MAX_BATCH = 1000
 MAX_HISTORY = 1000
 MAX_PROFILE_FIELDS = 32
+#: ``reason`` label values of ``metarec_feedback_write_failures_total``.
+FEEDBACK_FAILURE_REASONS = ("unavailable", "error")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -41,7 +43,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Ids are the dataset's original tokens; bounding them keeps a hostile client from storing megabytes per row.
-Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+# No NUL characters: PostgreSQL cannot store them, and they are a client mistake (422), not a store error.
+NO_NUL = r"^[^\x00]*$"
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NO_NUL)]
 ProfileKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 ProfileValue = Annotated[str, StringConstraints(max_length=256)] | int | float
 
@@ -99,8 +103,10 @@ class FeedbackIn(_Strict):
     # The rating; required for "rating" events and refused for the others.
     value: float | None = Field(default=None, allow_inf_nan=False)
     # The version that produced the list (response's model_version); required for impressions.
-    model_version: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
-    request_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+    model_version: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NO_NUL)] | None = (
+        None
+    )
+    request_id: Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)] | None = None
     # 1-based rank at which the item was shown.
     position: int | None = Field(default=None, ge=1, le=MAX_K)
 
@@ -186,6 +192,31 @@ class ServingMetrics:
             ["result"],
             registry=registry,
         )
+        # The three below back alerts (deploy/prometheus/alerts.yml, docs/alerts.md).
+        # livemin over workers: an instance counts as loaded only when every live worker is.
+        self.model_loaded = Gauge(
+            "metarec_model_loaded",
+            "1 while a model is loaded and requests can be answered, 0 before the first load.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        # livemin: during a swap the oldest version still served is the one that counts for staleness.
+        self.model_created = Gauge(
+            "metarec_model_created_timestamp_seconds",
+            "When the served model version was registered (seconds since the epoch); 0 when unknown.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.feedback_failures = Counter(
+            "metarec_feedback_write_failures",
+            "Feedback batches not stored: store busy or unreachable (unavailable, answered 503) "
+            "or any other store error (error, answered 500).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in FEEDBACK_FAILURE_REASONS:
+            # Present at 0 from the start, so rate() and increase() see the first failure.
+            self.feedback_failures.labels(reason=reason)
 
     def on_swap(self, old: str | None, new: str) -> None:
         """Holder listener: move the model_info gauge to the new version."""
@@ -193,6 +224,11 @@ class ServingMetrics:
             self.model_info.labels(version=old).set(0)
         self.model_info.labels(version=new).set(1)
         self.model_swaps.inc()
+
+    def observe_engine(self, engine: Engine | None) -> None:
+        """Set the loaded flag and the served version's registration time from ``engine``."""
+        self.model_loaded.set(0 if engine is None else 1)
+        self.model_created.set(created_at(engine) or 0.0)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The metrics in the format the scraper asked for, aggregated over workers in multiprocess mode."""
@@ -204,6 +240,18 @@ class ServingMetrics:
             multiprocess.MultiProcessCollector(registry)
         encoder, content_type = choose_encoder(accept or "")
         return encoder(registry), content_type
+
+
+def created_at(engine: Engine | None) -> float | None:
+    """The engine's optional ``created_at`` (registration time, epoch seconds); None when absent or invalid.
+
+    Not a member of the ``Engine`` protocol: test engines and older sources do not know it, and the
+    model-age alert then stays quiet rather than guessing.
+    """
+    value = getattr(engine, "created_at", None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 class _BodyTooLarge(HTTPException):
@@ -335,8 +383,11 @@ def create_app(
         auth = ApiKeyAuth.from_env(settings.require_key_for_reads, settings.allow_anonymous_writes)
     metrics = ServingMetrics(CollectorRegistry(auto_describe=True))
     holder.add_listener(metrics.on_swap)
+    # Listeners run after the new engine is installed, so holder.engine is the one just swapped in.
+    holder.add_listener(lambda _old, _new: metrics.observe_engine(holder.engine))
     if holder.version is not None:
         metrics.model_info.labels(version=holder.version).set(1)
+    metrics.observe_engine(holder.engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -426,7 +477,7 @@ def create_app(
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus(request: Request) -> Response:
-        """Prometheus metrics: requests and latency by route and status, model version, feedback written."""
+        """Prometheus metrics: requests and latency by route and status, model version and age, feedback."""
         body, content_type = metrics.exposition(request.headers.get("accept"))
         return Response(content=body, media_type=content_type)
 
@@ -490,11 +541,16 @@ def create_app(
         try:
             inserted, duplicates = store.write([event.to_event(received_at) for event in body.events])
         except StoreUnavailableError as err:
+            metrics.feedback_failures.labels(reason="unavailable").inc()
             # Nothing was written, so a retry of the same batch is safe and stores it once.
             log.warning("feedback store busy: %s", err)
             raise HTTPException(
                 status_code=503, detail="feedback store busy; retry the batch", headers={"Retry-After": "1"}
             ) from err
+        except Exception:
+            # Answered 500 by the framework; counted so that a broken store pages someone.
+            metrics.feedback_failures.labels(reason="error").inc()
+            raise
         metrics.feedback.labels(result="inserted").inc(inserted)
         metrics.feedback.labels(result="duplicate").inc(duplicates)
         return FeedbackResult(inserted=inserted, duplicates=duplicates)

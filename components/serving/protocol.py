@@ -27,6 +27,10 @@ class Engine(Protocol):
 
     Engines are shared by concurrent requests without locking, so ``recommend`` must be thread-safe
     (ONNX Runtime sessions are) and the engine must not change after loading.
+
+    An engine may also carry ``created_at``: when its version was registered, in seconds since the
+    epoch. It is optional and so not a member here; ``/metrics`` exports it as
+    ``metarec_model_created_timestamp_seconds`` for the model-age alert (docs/alerts.md).
     """
 
     # Read-only properties rather than attributes: a plain attribute or a property satisfies them, and

@@ -20,7 +20,9 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.supervisors import Multiprocess
 
+from components.core import secrets
 from components.core.config import SETTINGS_ENV, ServeSettings
+from components.serving import privacy
 from components.serving.app import create_app
 from components.serving.auth import ApiKeyAuth
 from components.serving.feedback import open_store
@@ -72,11 +74,19 @@ def load_source(settings: ServeSettings) -> EngineSource:
 
 
 def build_app(settings: ServeSettings, source: EngineSource | None = None) -> FastAPI:
-    """The app for ``settings``: its engine source, the feedback store its URL names, the env's API key."""
-    # Auth first: a misconfigured key must stop the server before anything is opened.
+    """The app for ``settings``: its engine source, the feedback store its URL names, the env's API key.
+
+    The feedback store URL is ``METAREC_FEEDBACK_URL[_FILE]`` when set (credentials live there), else
+    ``settings.feedback_url``. The serving loggers get the privacy filter first (``privacy.install``):
+    URL passwords masked, user ids hashed with ``settings.hash_user_ids``.
+    """
+    # Log filter and auth first: a misconfigured key must stop the server before anything is opened.
+    privacy.install(settings)
     auth = ApiKeyAuth.from_env(settings.require_key_for_reads, settings.allow_anonymous_writes)
+    feedback_url = secrets.feedback_url(settings.feedback_url)
     source = source if source is not None else load_source(settings)
-    store = open_store(settings.feedback_url)
+    log.info("feedback store %s", secrets.redact_url(feedback_url))
+    store = open_store(feedback_url)
     holder = ModelHolder(source, settings.poll_seconds, settings.retry_seconds)
     return create_app(holder, store, settings, auth=auth)
 
@@ -95,7 +105,11 @@ def serve(settings: ServeSettings) -> None:
 
     Every worker polls the registry and swaps on its own; they share nothing but the registry and the
     feedback store, which is what lets them (and other instances) run side by side.
+
+    Raises:
+        privacy.UserIdSaltError: ``hash_user_ids`` without a key (checked before any worker starts).
     """
+    privacy.install(settings)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -137,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--require-key-for-reads", action="store_true")
     parser.add_argument("--allow-anonymous-writes", action="store_true")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--access-log", action="store_true", help="Log one line per request.")
+    parser.add_argument(
+        "--hash-user-ids", action="store_true", help="Log user ids as keyed hashes (METAREC_USER_ID_SALT)."
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     serve(
@@ -150,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             require_key_for_reads=args.require_key_for_reads,
             allow_anonymous_writes=args.allow_anonymous_writes,
             log_level=args.log_level,
+            access_log=args.access_log,
+            hash_user_ids=args.hash_user_ids,
         )
     )
 

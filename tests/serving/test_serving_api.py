@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serving_support import API_KEY, FileVersionSource, TableEngine, events, thread_server
 
 from components.core.config import ServeSettings
 from components.serving.app import create_app
 from components.serving.auth import ApiKeyAuth
-from components.serving.feedback import SQLiteFeedbackStore
+from components.serving.feedback import FeedbackEvent, SQLiteFeedbackStore, StoreUnavailableError
 from components.serving.holder import ModelHolder
 
 WRITE = {"X-API-Key": API_KEY}
@@ -268,3 +269,66 @@ def test_metrics(served: Served) -> None:
     assert "nobody" not in text  # route templates, never raw paths
     served.client.get("/no/such/route")
     assert 'route="<unmatched>",status="404"' in served.client.get("/metrics").text
+
+
+class _DatedEngine(TableEngine):
+    """An engine that knows when its version was registered, as the registry's engines do."""
+
+    created_at = 1_700_000_000.0
+
+
+class _FlakyStore(SQLiteFeedbackStore):
+    """A store whose writes raise ``error`` while it is set."""
+
+    error: Exception | None = None
+
+    def write(self, events: Sequence[FeedbackEvent]) -> tuple[int, int]:
+        if self.error is not None:
+            raise self.error
+        return super().write(events)
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+def test_alert_metrics(tmp_path: Path) -> None:
+    # The metrics behind deploy/prometheus/alerts.yml: loaded flag, model age, failed feedback writes.
+    holder = ModelHolder(FileVersionSource(tmp_path / "no-champion"), poll_seconds=0.05)
+    store = _FlakyStore(tmp_path / "feedback.db")
+    app = create_app(holder, store, auth=ApiKeyAuth(API_KEY), manage=False)
+    failures = "metarec_feedback_write_failures_total"
+    with thread_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        text = client.get("/metrics").text
+        assert _sample(text, "metarec_model_loaded") == 0.0
+        assert _sample(text, "metarec_model_created_timestamp_seconds") == 0.0
+        # Both reasons are exported at 0 before the first failure, so rate() sees the first one.
+        assert _sample(text, failures, reason="unavailable") == _sample(text, failures, reason="error") == 0.0
+
+        holder.set_engine(TableEngine("v1"))  # an engine that does not say when it was registered
+        text = client.get("/metrics").text
+        assert _sample(text, "metarec_model_loaded") == 1.0
+        assert _sample(text, "metarec_model_created_timestamp_seconds") == 0.0
+        holder.set_engine(_DatedEngine("v2"))
+        text = client.get("/metrics").text
+        assert _sample(text, "metarec_model_created_timestamp_seconds") == 1_700_000_000.0
+        assert _sample(text, "metarec_model_info", version="v2") == 1.0
+
+        batch = {"events": events("alert", 2)}
+        store.error = StoreUnavailableError("database is locked")
+        assert client.post("/feedback", json=batch, headers=WRITE).status_code == 503
+        store.error = RuntimeError("disk I/O error")
+        for _ in range(2):
+            # A fresh connection each: uvicorn closes the connection after an unhandled exception.
+            assert httpx.post(f"{url}/feedback", json=batch, headers=WRITE, timeout=10).status_code == 500
+        store.error = None
+        assert client.post("/feedback", json=batch, headers=WRITE).json() == {"inserted": 2, "duplicates": 0}
+        text = client.get("/metrics").text
+        assert _sample(text, failures, reason="unavailable") == 1.0
+        assert _sample(text, failures, reason="error") == 2.0
+        assert _sample(text, "metarec_feedback_events_total", result="inserted") == 2.0
+    store.close()
