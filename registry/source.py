@@ -130,8 +130,7 @@ class RegistrySource:
                 local, _ = Registry(Path("."), cfg).download_bundle(version, tmp / "download")
                 local.rename(tmp / "bundle")
                 shutil.rmtree(tmp / "download", ignore_errors=True)
-                shutil.rmtree(target, ignore_errors=True)
-                tmp.rename(target)
+                _install(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -145,6 +144,24 @@ class RegistrySource:
         if registered.creation_timestamp:  # MLflow ms -> metarec_model_created_timestamp_seconds (alerts)
             engine.created_at = registered.creation_timestamp / 1000
         return engine
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Rename a verified download to ``target`` unless another process installed that version first.
+
+    Instances (or workers) sharing the cache download a new champion at the same moment; removing the
+    winner's directory would pull the files from under its load, so the later download is dropped instead.
+    """
+    for _ in range(2):
+        try:
+            tmp.rename(target)
+            return
+        except OSError:
+            if (target / "bundle" / "bundle.json").exists():
+                shutil.rmtree(tmp, ignore_errors=True)  # the same version, verified when it is loaded
+                return
+            shutil.rmtree(target, ignore_errors=True)  # a leftover without a complete bundle
+    tmp.rename(target)
 
 
 def registry_source(settings: ServeSettings) -> RegistrySource:
