@@ -686,7 +686,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default from serve.port).")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes sharing the port.")] = None,
-    feedback_url: Annotated[str | None, typer.Option(help="Feedback store URL (sqlite:///...).")] = None,
+    feedback_url: Annotated[
+        str | None,
+        typer.Option(help="Feedback store URL (sqlite:///... or postgresql://...; or METAREC_FEEDBACK_URL)."),
+    ] = None,
     require_key_for_reads: Annotated[
         bool | None, typer.Option("--require-key-for-reads/--open-reads", help="Reads need the API key.")
     ] = None,
