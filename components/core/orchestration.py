@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from components.core import processes
 
 # A first start migrates ~100 revisions into a new sqlite database: 20-40 s on 2 idle cores, more when
 # the machine is busy. Override with METAREC_SERVER_TIMEOUT (seconds).
@@ -85,16 +85,6 @@ def healthy(api_url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process reuses the pid
-        return False
-    return True
-
-
 def _state_path(home: Path) -> Path:
     return home / STATE_FILE
 
@@ -111,28 +101,9 @@ def read_state(home: Path | None = None) -> ServerInfo | None:
 def running(home: Path | None = None) -> ServerInfo | None:
     """The recorded server if its process lives and its API answers."""
     info = read_state(home)
-    if info is not None and _alive(info.pid) and healthy(info.api_url):
+    if info is not None and processes.alive(info.pid) and healthy(info.api_url):
         return info
     return None
-
-
-def _free_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise OrchestrationError("no free TCP port on 127.0.0.1 for the local Prefect server")
-
-
-def _log_tail(log: Path, lines: int = 5) -> str:
-    try:
-        text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
 
 
 def _lock(home: Path) -> contextlib.AbstractContextManager[object]:
@@ -156,9 +127,13 @@ def start(
         if found is not None:
             return found, False
         stale = read_state(home)
-        if stale is not None and _alive(stale.pid):
-            _terminate(stale.pid)  # recorded but not answering: replace it
-        chosen = _free_port(port or int(os.environ.get("METAREC_PREFECT_PORT") or DEFAULT_PORT))
+        if stale is not None and processes.alive(stale.pid):
+            processes.terminate_group(stale.pid)  # recorded but not answering: replace it
+        chosen = processes.free_port(
+            preferred=port or int(os.environ.get("METAREC_PREFECT_PORT") or DEFAULT_PORT)
+        )
+        if chosen is None:
+            raise OrchestrationError("no free TCP port on 127.0.0.1 for the local Prefect server")
         log = home / "metarec-server.log"
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env.update(
@@ -189,32 +164,17 @@ def start(
             if proc.poll() is not None:
                 raise OrchestrationError(
                     f"the local Prefect server exited with code {proc.returncode} while starting; "
-                    f"its log {log} ends with:\n{_log_tail(log)}"
+                    f"its log {log} ends with:\n{processes.log_tail(log, 5, '')}"
                 )
             if healthy(info.api_url, timeout=2):
                 _state_path(home).write_text(json.dumps(asdict(info)), encoding="utf-8")
                 return info, True
             time.sleep(0.5)
-        _terminate(proc.pid)
+        processes.terminate_group(proc.pid)
         raise OrchestrationError(
             f"the local Prefect server did not answer within {wait:.0f} s (log: {log}). "
             "Retry with a longer METAREC_SERVER_TIMEOUT, or point PREFECT_API_URL at a running server."
         )
-
-
-def _terminate(pid: int, grace: float = 20.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
-            if not _alive(pid):
-                return
-            time.sleep(0.2)
 
 
 def stop(home: Path | None = None) -> ServerInfo | None:
@@ -223,8 +183,8 @@ def stop(home: Path | None = None) -> ServerInfo | None:
     info = read_state(home)
     if info is None:
         return None
-    if _alive(info.pid):
-        _terminate(info.pid)
+    if processes.alive(info.pid):
+        processes.terminate_group(info.pid)
     _state_path(home).unlink(missing_ok=True)
     return info
 

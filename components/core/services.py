@@ -36,7 +36,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -46,6 +45,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
+
+from components.core import processes
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ DEFAULT_TIMEOUT = 60.0
 Auth = Literal["password", "trust"]
 _DB_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 # Variables libpq and the server read that would point our commands at another cluster.
-_PG_ENV = ("PGDATA", "PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGPASSFILE")
+PG_ENV = ("PGDATA", "PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGPASSFILE")
 
 
 class ServiceError(RuntimeError):
@@ -261,28 +262,21 @@ def _write_state(server: PostgresServer) -> None:
     tmp.replace(path)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie does not: a daemonised server is reaped by whoever is init)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    with contextlib.suppress(OSError, IndexError):
-        # /proc/<pid>/stat: "pid (comm) STATE ..."; comm may hold spaces, so split after the last ")".
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
+def free_port() -> int:
+    """A free TCP port on the loopback address PostgreSQL binds to."""
+    port = processes.free_port(HOST)
+    if port is None:
+        raise ServiceError(f"no free TCP port on {HOST}")
+    return port
 
 
 def _server_alive(server: PostgresServer) -> bool:
     """Whether the recorded postmaster still runs: its pid lives and is the one in ``postmaster.pid``."""
-    return _alive(server.pid) and _postmaster_pid(Path(server.datadir)) == server.pid
+    return processes.alive(server.pid) and _postmaster_pid(Path(server.datadir)) == server.pid
 
 
 def _client_env(server: PostgresServer | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _PG_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in PG_ENV}
     env["PGCONNECT_TIMEOUT"] = "5"
     if server is not None:
         env.update(server.env())
@@ -316,20 +310,6 @@ def running(home: Path | None = None) -> PostgresServer | None:
 
 
 # ---- start / stop ---------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _log_tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(text[-lines:])
 
 
 @contextlib.contextmanager
@@ -513,13 +493,14 @@ def start_postgres(
         log_file = datadir.parent / "postgres.log"
         for attempt in range(3):
             # A free port can be taken between the check and the bind: then try another one.
-            chosen = port if (port and attempt == 0) else _free_port()
+            chosen = port if (port and attempt == 0) else free_port()
             ok, why = _start_server(bindir, datadir, log_file, chosen, fsync, timeout)
-            if ok or "could not bind" not in _log_tail(log_file, 20):
+            if ok or "could not bind" not in processes.log_tail(log_file, 20):
                 break
         if not ok:
             raise ServiceError(
-                f"PostgreSQL did not start: {why}\nits log {log_file} ends with:\n{_log_tail(log_file)}"
+                f"PostgreSQL did not start: {why}\nits log {log_file} ends with:\n"
+                f"{processes.log_tail(log_file)}"
             )
         pgpass = None
         if password is not None:
@@ -545,7 +526,7 @@ def start_postgres(
             if time.monotonic() > deadline or not _server_alive(server):
                 raise ServiceError(
                     f"PostgreSQL on {HOST}:{chosen} does not accept connections; its log {log_file} ends "
-                    f"with:\n{_log_tail(log_file)}"
+                    f"with:\n{processes.log_tail(log_file)}"
                 )
             time.sleep(0.2)
         _write_state(server)

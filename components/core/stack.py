@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.core import services
+from components.core import processes, services
 from components.core.services import ServiceError
 
 STATE_FILE = "stack.json"
@@ -57,7 +56,7 @@ TIMEOUT_ENV = "METAREC_STACK_TIMEOUT"
 _ORDER = ("mlflow", "prefect", "worker")  # started in this order (after PostgreSQL), stopped in reverse
 # Settings of the caller's own services that must not leak into the stack's processes.
 _DROP_ENV = (
-    *services._PG_ENV,
+    *services.PG_ENV,
     "MLFLOW_TRACKING_URI",
     "MLFLOW_REGISTRY_URI",
     "PREFECT_API_URL",
@@ -186,7 +185,7 @@ def _worker_online(api_url: str, name: str | None) -> bool:
 
 def _healthy(stack: Stack, name: str) -> bool:
     proc = stack.procs.get(name)
-    if proc is None or not services._alive(proc.pid):
+    if proc is None or not processes.alive(proc.pid):
         return False
     if name == "mlflow":
         return mlflow_healthy(stack.mlflow_url)
@@ -207,29 +206,7 @@ def _port(preferred: int | None) -> int:
                 return preferred
             except OSError:
                 pass
-    return services._free_port()
-
-
-def _terminate(pid: int, grace: float = 20.0) -> None:
-    """SIGTERM the process group of ``pid`` (its own session), SIGKILL it after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
-            if not services._alive(pid):
-                break
-            time.sleep(0.2)
-        else:
-            continue
-        # The leader is gone; its children (uvicorn workers, flow runs) may linger a moment.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL if sig == signal.SIGKILL else signal.SIGTERM)
-        return
+    return services.free_port()
 
 
 def _base_env(pg: services.PostgresServer) -> dict[str, str]:
@@ -267,15 +244,15 @@ def _wait(stack: Stack, name: str, popen: subprocess.Popen[bytes], deadline: flo
         if popen.poll() is not None:
             raise ServiceError(
                 f"{what} exited with code {popen.returncode} while starting; its log {proc.log} ends "
-                f"with:\n{services._log_tail(Path(proc.log))}"
+                f"with:\n{processes.log_tail(Path(proc.log))}"
             )
         if _healthy(stack, name):
             return
         time.sleep(0.5)
-    _terminate(proc.pid)
+    processes.terminate_group(proc.pid)
     raise ServiceError(
         f"{what} did not become healthy in time (log {proc.log}); its log ends with:\n"
-        f"{services._log_tail(Path(proc.log))}\nRetry with a longer {TIMEOUT_ENV} (seconds)"
+        f"{processes.log_tail(Path(proc.log))}\nRetry with a longer {TIMEOUT_ENV} (seconds)"
     )
 
 
@@ -343,8 +320,8 @@ def stack_up(
                 say(f"reusing {_WHAT[name]} (pid {stack.procs[name].pid})")
                 continue
             stale = stack.procs.pop(name, None)
-            if stale is not None and services._alive(stale.pid):
-                _terminate(stale.pid)
+            if stale is not None and processes.alive(stale.pid):
+                processes.terminate_group(stale.pid)
             port = _port(stale.port if stale else None) if name != "worker" else None
             worker = (
                 f"{POOL}-{socket.gethostname()}-{time.time_ns() // 1_000_000}" if name == "worker" else None
@@ -488,7 +465,7 @@ def stack_status(home: Path | None = None) -> list[ServiceStatus]:
             detail = "not started"
         else:
             where = f"{_url(stack, name)}, " if name != "worker" else f"pool {POOL}, "
-            state = "" if ok else ("NOT answering, " if services._alive(proc.pid) else "stopped, ")
+            state = "" if ok else ("NOT answering, " if processes.alive(proc.pid) else "stopped, ")
             detail = f"{state}{where}pid {proc.pid}, log {proc.log}"
         report.append(ServiceStatus(name, ok, detail))
     return report
@@ -510,8 +487,8 @@ def stack_down(home: Path | None = None, *, purge: bool = False, timeout: float 
         if stack is not None:
             for name in reversed(_ORDER):
                 proc = stack.procs.pop(name, None)
-                if proc is not None and services._alive(proc.pid):
-                    _terminate(proc.pid)
+                if proc is not None and processes.alive(proc.pid):
+                    processes.terminate_group(proc.pid)
                     stopped.append(name)
                 _write_state(stack)
         pg_home = Path(stack.postgres_home) if stack else root / "postgres"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 from fastapi import HTTPException, Request
+
+from components.core import secrets
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,10 @@ def load_api_key(env: Mapping[str, str] | None = None) -> str | None:
     Raises:
         ApiKeyConfigError: Both variables are set, or the file is missing, unreadable or empty.
     """
-    env = os.environ if env is None else env
-    value = env.get(KEY_ENV, "").strip()
-    file_name = env.get(KEY_FILE_ENV, "").strip()
-    if value and file_name:
-        raise ApiKeyConfigError(f"set either {KEY_ENV} or {KEY_FILE_ENV}, not both")
-    if file_name:
-        try:
-            value = Path(file_name).read_text(encoding="utf-8").strip()
-        except OSError as err:
-            raise ApiKeyConfigError(f"cannot read {KEY_FILE_ENV}={file_name}: {err}") from err
-        if not value:
-            raise ApiKeyConfigError(f"the API key file {file_name} ({KEY_FILE_ENV}) is empty")
-    return value or None
+    try:
+        return secrets.read_secret(KEY_ENV, env)
+    except secrets.SecretConfigError as err:
+        raise ApiKeyConfigError(str(err)) from None
 
 
 def fingerprint(key: str) -> str:
