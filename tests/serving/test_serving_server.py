@@ -13,6 +13,7 @@ from serving_support import API_KEY, VERSION_FILE_ENV, FileVersionSource, thread
 
 from components.core.config import SETTINGS_ENV, ServeSettings
 from components.serving.auth import ApiKeyConfigError
+from components.serving.feedback import StoreUnavailableError
 from components.serving.server import TcpNoDelayConfig, app_factory, build_app, load_source
 
 
@@ -64,11 +65,13 @@ def test_bad_key_configuration_stops_the_server_before_opening_anything(
         build_app(settings, source=FileVersionSource(tmp_path / "champion"))
     assert not (tmp_path / "fb.db").exists()
     monkeypatch.delenv("METAREC_API_KEY_FILE")
-    with pytest.raises(NotImplementedError, match="PostgreSQL"):
+    # With a good key the store is opened: an unreachable PostgreSQL store is a clear error, no password.
+    with pytest.raises(StoreUnavailableError, match="cannot connect") as caught:
         build_app(
-            settings.model_copy(update={"feedback_url": "postgresql://db/x"}),
+            settings.model_copy(update={"feedback_url": "postgresql://u:secret@127.0.0.1:1/x"}),
             source=FileVersionSource(tmp_path / "champion"),
         )
+    assert "secret" not in str(caught.value)
 
 
 def test_worker_socket_is_tcp_so_connections_get_nodelay() -> None:
