@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from components import pipeline
+from components.core import secrets
 from components.core.config import Config
 from components.data import fetch
 from components.drift.reference import feedback_url
@@ -168,8 +169,10 @@ class ServerProcess:
         import httpx
 
         self.port = self.port or free_port()
-        env = {**os.environ, API_KEY_ENV: self.api_key}
+        # Secrets travel in the environment, never on the command line (`ps` shows that to everyone).
+        env = {**os.environ, API_KEY_ENV: self.api_key, secrets.FEEDBACK_URL_ENV: self.feedback_url}
         env.pop("METAREC_API_KEY_FILE", None)
+        env.pop(secrets.FEEDBACK_URL_ENV + "_FILE", None)
         metarec = Path(sys.executable).parent / "metarec"
         cmd = [
             str(metarec) if metarec.exists() else sys.executable,
@@ -179,8 +182,6 @@ class ServerProcess:
             str(self.workspace),
             "--port",
             str(self.port),
-            "--feedback-url",
-            self.feedback_url,
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
