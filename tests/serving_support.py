@@ -26,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from components.core.config import ServeSettings
+from components.serving.feedback import FeedbackEvent
 from components.serving.protocol import Recommendation
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -279,6 +280,18 @@ class ServerProcess:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+def event(event_id: str, **change: Any) -> FeedbackEvent:
+    """One click event with defaults; ``change`` overrides fields (the feedback-store tests' unit)."""
+    fields: dict[str, Any] = {
+        "event_id": event_id,
+        "type": "click",
+        "user_id": "u1",
+        "item_id": "i1",
+        "ts": 1.5,
+    }
+    return FeedbackEvent(**{**fields, **change})
 
 
 def events(prefix: str, n: int, items: int = 200) -> list[dict[str, Any]]:

@@ -199,14 +199,10 @@ def _healthy(stack: Stack, name: str) -> bool:
 
 def _port(preferred: int | None) -> int:
     """``preferred`` when it is free (stable URLs across restarts), else any free loopback port."""
-    if preferred:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((HOST, preferred))
-                return preferred
-            except OSError:
-                pass
-    return services.free_port()
+    port = processes.free_port(HOST, preferred or 0)
+    if port is None:
+        raise ServiceError(f"no free TCP port on {HOST}")
+    return port
 
 
 def _base_env(pg: services.PostgresServer) -> dict[str, str]:

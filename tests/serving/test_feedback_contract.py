@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serving_support import API_KEY, FileVersionSource, ServerProcess, events, thread_server
+from serving_support import API_KEY, FileVersionSource, ServerProcess, event, events, thread_server
 
 from components.core.services import PostgresServer
 from components.serving.app import create_app
@@ -34,7 +34,6 @@ from components.serving.feedback import (
     PG_VERSION_TABLE,
     PG_WRITE_LOCK,
     SCHEMA_VERSION,
-    FeedbackEvent,
     PostgresFeedbackStore,
     SQLiteFeedbackStore,
     StoreUnavailableError,
@@ -43,17 +42,6 @@ from components.serving.feedback import (
 from components.serving.holder import ModelHolder
 
 WRITE = {"X-API-Key": API_KEY}
-
-
-def event(event_id: str, **change: Any) -> FeedbackEvent:
-    fields: dict[str, Any] = {
-        "event_id": event_id,
-        "type": "click",
-        "user_id": "u1",
-        "item_id": "i1",
-        "ts": 1.5,
-    }
-    return FeedbackEvent(**{**fields, **change})
 
 
 @dataclass

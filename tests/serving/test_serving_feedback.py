@@ -9,29 +9,17 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
+from serving_support import event
 
 from components.serving.feedback import (
     SCHEMA_VERSION,
-    FeedbackEvent,
     PostgresFeedbackStore,
     SQLiteFeedbackStore,
     StoreUnavailableError,
     open_store,
 )
-
-
-def event(event_id: str, **change: Any) -> FeedbackEvent:
-    fields: dict[str, Any] = {
-        "event_id": event_id,
-        "type": "click",
-        "user_id": "u1",
-        "item_id": "i1",
-        "ts": 1.5,
-    }
-    return FeedbackEvent(**{**fields, **change})
 
 
 def test_store_is_wal_full_sync_and_versioned(tmp_path: Path) -> None:
