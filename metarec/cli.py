@@ -260,6 +260,14 @@ def recommend(
     history: Annotated[
         list[str] | None, typer.Option("--history", help="Cold user: an item id they interacted with.")
     ] = None,
+    with_feedback: Annotated[
+        bool,
+        typer.Option(
+            "--with-feedback",
+            help="Add each user's clicks/ratings from the feedback store to their history, as `metarec serve` "
+            "does (fusion model); users known only from feedback are listed too.",
+        ),
+    ] = False,
 ) -> None:
     """Write top-k recommendations from the last trained model, excluding items seen in train/valid.
 
@@ -289,10 +297,32 @@ def recommend(
         console.print_json(json.dumps({"profile": fields, "history": list(history or []), "items": recs}))
         return
     try:
-        rows = write_recommendations(paths, k, out, None if all_users else list(user or []), explain=explain)
+        feedback = _feedback_histories(paths.root) if with_feedback else None
+        users = None if all_users else list(user or [])
+        rows = write_recommendations(paths, k, out, users, explain=explain, feedback=feedback)
     except _known_errors() as exc:
         raise _fail(str(exc)) from None
     console.print(f"wrote {rows} rows to {out}")
+
+
+def _feedback_histories(ws: Path) -> dict[str, tuple[str, ...]]:
+    """User id -> feedback items in the store ``metarec serve`` would use for this workspace, read now."""
+    from components.core import secrets
+    from components.serving.feedback import StoreUnavailableError, open_store
+    from components.serving.online import overlay_from_store
+
+    settings = serve_settings(ws, {})
+    url = secrets.feedback_url(settings.feedback_url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return {}  # nothing served yet: no feedback (and no empty store created by a read)
+    try:
+        store = open_store(url)
+        try:
+            return overlay_from_store(store, settings.online_event_types).histories()
+        finally:
+            store.close()
+    except StoreUnavailableError as exc:
+        raise _fail(f"--with-feedback: {exc}") from None
 
 
 @app.command()

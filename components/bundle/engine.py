@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,14 @@ from components.metapaths.schema import Metapath, parse
 from components.model.features import HISTORY, FeatureBank
 
 SEEN = "seen.npz"
+#: Items kept per remembered list: a request for ``k`` up to this many is a lookup once the list exists.
+TOP_DEPTH = 20
+#: Lists remembered for users with new history (feedback) or cold users with only a history, beyond the
+#: precomputed known users'; the oldest go first.
+MEMO_LIMIT = 20_000
+
+# One remembered list: (item id, score, explanation) per rank, best first.
+_Top = list[tuple[str, float, str | None]]
 
 
 def _coo_matrix(data: Any, prefix: str) -> sp.csr_matrix:
@@ -95,7 +103,16 @@ class Explainer:
 
 
 class BundleEngine:
-    """A loaded bundle; immutable after construction and safe to share between request threads."""
+    """A loaded bundle, safe to share between request threads.
+
+    Rankings that depend only on the bundle and a user's history are remembered: the top
+    :data:`TOP_DEPTH` items with their explanations, per (user, history added since training). A known
+    user's list is computed once (:meth:`warm` computes them before the engine takes traffic) and a request
+    for it is a lookup; new feedback changes the key, so that user's next request ranks afresh. Rankings
+    with a profile are always computed. Every list equals what :meth:`rank` computes for the same input:
+    the top ``k`` by score (ties by item index) is a prefix of the top ``TOP_DEPTH``, and an item's
+    explanation does not depend on the other items in the list.
+    """
 
     def __init__(self, directory: Path, version: str = "", threads: int = 1) -> None:
         directory = Path(directory)
@@ -134,6 +151,10 @@ class BundleEngine:
         ]
         config = self.manifest.get("config", {})
         self.text_cfg = config.get("text", {})
+        # Remembered lists: the precomputed known users' (never evicted) and the rest (bounded).
+        self._warm: dict[tuple[str | None, tuple[str, ...]], _Top] = {}
+        self._memo: dict[tuple[str | None, tuple[str, ...]], _Top] = {}
+        self._memo_lock = threading.Lock()
 
     # --- Engine protocol -------------------------------------------------------------------------
     @property
@@ -155,11 +176,59 @@ class BundleEngine:
         user_id: str | None,
         k: int,
         profile: dict[str, str] | None = None,
-        history: list[str] | None = None,
+        history: Sequence[str] | None = None,
         explain: bool = True,
     ) -> list[dict[str, Any]]:
         """Top ``k`` unseen items with scores and explanations (see the serving ``Engine`` protocol)."""
-        extra = self._history_indices(history or [])
+        top = self.cached(user_id, k, profile, history, explain)
+        if top is not None:
+            return top
+        if profile is not None or k > TOP_DEPTH or (user_id is None and not history):
+            return self.rank(user_id, k, profile, history, explain)
+        key = (None if user_id is None else str(user_id), tuple(str(h) for h in history or ()))
+        found = self._remember(key, self.rank(user_id, TOP_DEPTH, None, history, True))
+        return _cut(found, k, explain)
+
+    def cached(
+        self,
+        user_id: str | None,
+        k: int,
+        profile: dict[str, str] | None = None,
+        history: Sequence[str] | None = None,
+        explain: bool = True,
+    ) -> list[dict[str, Any]] | None:
+        """The remembered list for this request, or None when it must be computed (no work done here)."""
+        if profile is not None or k > TOP_DEPTH:
+            return None
+        key = (None if user_id is None else str(user_id), tuple(str(h) for h in history or ()))
+        found = self._warm.get(key)
+        if found is None:
+            found = self._memo.get(key)
+        return None if found is None else _cut(found, k, explain)
+
+    def warm(self, limit: int | None = None) -> int:
+        """Compute the lists of the first ``limit`` known users (all when None); returns how many.
+
+        Called before the engine takes traffic (the model holder does, before a swap), so a known user's
+        first request is already a lookup.
+        """
+        users = list(self._user_index)[: len(self._user_index) if limit is None else max(0, limit)]
+        for user in users:
+            key = (user, ())
+            if key not in self._warm:
+                self._warm[key] = self._top(self.rank(user, TOP_DEPTH, None, None, True))
+        return len(users)
+
+    def rank(
+        self,
+        user_id: str | None,
+        k: int,
+        profile: dict[str, str] | None = None,
+        history: Sequence[str] | None = None,
+        explain: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Top ``k`` unseen items, always computed (what :meth:`recommend` remembers)."""
+        extra = self._history_indices(list(history or []))
         user = self._user_index.get(str(user_id)) if user_id is not None else None
         if user is None and profile is None and not history:
             raise KeyError(f"unknown user {user_id!r}")
@@ -197,6 +266,20 @@ class BundleEngine:
         ]
 
     # --- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _top(items: list[dict[str, Any]]) -> _Top:
+        return [(i["item_id"], i["score"], i["explanation"]) for i in items]
+
+    def _remember(self, key: tuple[str | None, tuple[str, ...]], items: list[dict[str, Any]]) -> _Top:
+        top = self._top(items)
+        with self._memo_lock:
+            if len(self._memo) >= MEMO_LIMIT:
+                # Dicts keep insertion order: drop the oldest tenth in one go rather than one per insert.
+                for old in list(self._memo)[: MEMO_LIMIT // 10]:
+                    del self._memo[old]
+            self._memo[key] = top
+        return top
+
     def _history_indices(self, history: list[str]) -> np.ndarray:
         unknown = [h for h in history if str(h) not in self._item_index]
         if unknown:
@@ -265,6 +348,13 @@ class BundleEngine:
             if self._encoder is None:
                 self._encoder = OnnxEncoder.from_bundle(self.directory, threads=self._threads)
         return self._encoder.encode(texts)
+
+
+def _cut(top: _Top, k: int, explain: bool) -> list[dict[str, Any]]:
+    return [
+        {"item_id": item, "rank": r, "score": score, "explanation": note if explain else None}
+        for r, (item, score, note) in enumerate(top[: max(0, int(k))], start=1)
+    ]
 
 
 def load_bundle(directory: str | Path, version: str = "", threads: int = 1) -> BundleEngine:

@@ -9,6 +9,7 @@ included. A baseline has no bundle (the export stage leaves a skip marker) and r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,29 +69,36 @@ def recommend(
     user_ids: list[str] | None = None,
     block_size: int = 1024,
     explain: bool = False,
+    feedback: Mapping[str, Sequence[str]] | None = None,
 ) -> int:
     """Write top-k recommendations (original ids) for all or some users; return the number of rows.
 
     Items the user interacted with in train or valid are excluded, as in test evaluation. With
     ``explain`` (fusion model only) each row carries the top metapath instance behind the item.
-    ``block_size`` is the number of users a baseline scores at once.
+    ``block_size`` is the number of users a baseline scores at once. ``feedback`` (fusion model only;
+    user id -> items from the feedback store, ``components.serving.online``) adds each user's feedback
+    items to their history as the server does; users known only from feedback are then ranked too.
     """
     if _model_name(paths) != "metarec":
-        if explain:
-            raise ValueError("--explain needs the fusion model (model.name=metarec)")
+        if explain or feedback is not None:
+            what = "--explain" if explain else "--with-feedback"
+            raise ValueError(f"{what} needs the fusion model (model.name=metarec)")
         return _recommend_baseline(paths, k, out, user_ids, block_size)
     engine = workspace_engine(paths)
     _check_k(k, len(engine.item_ids))
+    feedback = feedback or {}
     if user_ids is None:
         user_ids = engine.users.user_id.astype(str).tolist()
-    unknown = [u for u in user_ids if not engine.known_user(u)]
+        user_ids += sorted(u for u in feedback if not engine.known_user(u))
+    unknown = [u for u in user_ids if not engine.known_user(u) and not feedback.get(u)]
     if unknown:
         raise ValueError(f"unknown user ids: {', '.join(unknown[:10])}")
     rows = 0
     with atomic_file(out) as handle:
         handle.write("user_id,item_id,rank,score" + (",explanation\n" if explain else "\n"))
         for user in user_ids:
-            for rec in engine.recommend(user, k, explain=explain):
+            extra = [i for i in feedback.get(user, ()) if i in engine.item_ids]
+            for rec in engine.recommend(user, k, history=extra, explain=explain):
                 line = f"{user},{rec['item_id']},{rec['rank']},{rec['score']:.6g}"
                 handle.write(line + (f",{_csv_text(rec['explanation'])}\n" if explain else "\n"))
                 rows += 1

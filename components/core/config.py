@@ -51,7 +51,7 @@ class ServeSettings(_Redacted):
     # ONNX Runtime intra-op threads per worker: one keeps a request's latency predictable while
     # other requests run; scale with workers, not threads.
     threads: int = Field(default=1, ge=1)
-    # sqlite:///relative.db or sqlite:////absolute.db; postgresql:// is the multi-host plan (not yet).
+    # sqlite:///relative.db or sqlite:////absolute.db (one host), or postgresql://host/db (any number).
     # A URL with a password comes from METAREC_FEEDBACK_URL or METAREC_FEEDBACK_URL_FILE, which win.
     feedback_url: str = "sqlite:///feedback/feedback.db"
     # How often the alias is checked, and how long a version that failed to load is left alone.
@@ -68,6 +68,16 @@ class ServeSettings(_Redacted):
     # Replace user ids in the access log and the serving logs by a keyed hash (HMAC-SHA256 with the key
     # in METAREC_USER_ID_SALT or METAREC_USER_ID_SALT_FILE); the same id always gets the same hash.
     hash_user_ids: bool = False
+    # Known users whose top lists (with explanations) are computed before a version takes traffic, so
+    # their requests are lookups; the rest are computed on first request and remembered. 0: none.
+    precompute_users: int = Field(default=20_000, ge=0)
+    # Feedback applied online: every worker follows the feedback store and adds each user's clicks and
+    # ratings (online_event_types: what retraining appends) to their history within ~poll seconds.
+    online_feedback: bool = True
+    feedback_poll_seconds: float = Field(default=0.25, gt=0)
+    online_event_types: list[Literal["impression", "click", "rating"]] = Field(
+        default=["click", "rating"], min_length=1
+    )
     # Where verified bundles are cached: <cache_dir>/bundles/<registry+model key>/<version>, private to
     # the user (0700). None: $METAREC_CACHE_DIR, else $XDG_CACHE_HOME/metarec, else ~/.cache/metarec.
     cache_dir: str | None = None

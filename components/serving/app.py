@@ -19,12 +19,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
 from components.core.config import ServeSettings
 from components.serving.auth import ApiKeyAuth
 from components.serving.feedback import FeedbackEvent, FeedbackStore, StoreUnavailableError
 from components.serving.holder import ModelHolder
+from components.serving.online import FeedbackFollower
 from components.serving.protocol import Engine
 
 log = logging.getLogger(__name__)
@@ -368,6 +370,7 @@ def create_app(
     settings: ServeSettings | None = None,
     auth: ApiKeyAuth | None = None,
     manage: bool = True,
+    follower: FeedbackFollower | None = None,
 ) -> FastAPI:
     """Build the serving app around a model holder and a feedback store.
 
@@ -376,7 +379,10 @@ def create_app(
         store: Where feedback goes.
         settings: Body limit and auth options; defaults when None.
         auth: Key checks; built from the environment and ``settings`` when None.
-        manage: Start the holder's poller on startup, and stop it and close the store on shutdown.
+        manage: Start the holder's poller and the follower on startup, stop them and close the store on
+            shutdown.
+        follower: Follows ``store`` into an overlay of users' feedback histories, which requests rank
+            with (components.serving.online); None: feedback changes nothing until a retrain.
     """
     settings = settings or ServeSettings()
     if auth is None:
@@ -389,15 +395,21 @@ def create_app(
         metrics.model_info.labels(version=holder.version).set(1)
     metrics.observe_engine(holder.engine)
 
+    overlay = follower.overlay if follower is not None else None
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if manage:
+            if follower is not None:
+                follower.start()
             holder.start()
         try:
             yield
         finally:
             if manage:
                 holder.stop()
+                if follower is not None:
+                    follower.stop()
                 store.close()
 
     app = FastAPI(
@@ -436,6 +448,40 @@ def create_app(
             )
         return engine
 
+    def feedback_history(engine: Engine, user_id: str | None) -> list[str]:
+        """The user's items from feedback that this engine can rank (the store may predate its catalogue)."""
+        if overlay is None:
+            return []
+        items = engine.item_ids
+        return [i for i in overlay.history(user_id) if i in items]
+
+    def respond(engine: Engine, user_id: str | None, items: list[Any]) -> Response:
+        body = RecommendationResponse(
+            user_id=user_id,
+            model_version=engine.version,
+            request_id=uuid.uuid4().hex,
+            items=[RecommendedItem(**item) for item in items],
+        )
+        # Serialised here, once: returned as a model, FastAPI would validate and encode it again, a
+        # noticeable share of a sub-millisecond request.
+        return Response(content=body.model_dump_json(), media_type="application/json")
+
+    async def answer_async(
+        engine: Engine,
+        user_id: str | None,
+        k: int,
+        profile: dict[str, str] | None,
+        history: list[str] | None,
+        explain: bool,
+    ) -> Response:
+        """A remembered list on the event loop (a lookup); anything to compute on the thread pool."""
+        cached = getattr(engine, "cached", None)
+        if cached is not None:
+            found = cached(user_id, k, profile=profile, history=history, explain=explain)
+            if found is not None:
+                return respond(engine, user_id, found)
+        return await run_in_threadpool(answer, engine, user_id, k, profile, history, explain)
+
     def answer(
         engine: Engine,
         user_id: str | None,
@@ -452,15 +498,7 @@ def create_app(
             raise  # a KeyError for a known user is an engine bug: a 500, not a misleading 404
         except ValueError as err:
             raise HTTPException(status_code=422, detail=str(err)) from err
-        body = RecommendationResponse(
-            user_id=user_id,
-            model_version=engine.version,
-            request_id=uuid.uuid4().hex,
-            items=[RecommendedItem(**item) for item in items],
-        )
-        # Serialised here, once: returned as a model, FastAPI would validate and encode it again, a
-        # noticeable share of a sub-millisecond request.
-        return Response(content=body.model_dump_json(), media_type="application/json")
+        return respond(engine, user_id, items)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
@@ -491,17 +529,22 @@ def create_app(
         dependencies=read_checks,
         responses={404: {"description": "Unknown user"}, 503: {"description": "No model loaded yet"}},
     )
-    def recommend_known(
+    async def recommend_known(
         user_id: Annotated[str, Path(min_length=1, max_length=128, description="Dataset's original user id")],
         k: Annotated[int, Query(ge=1, le=MAX_K, description="Number of items")] = 10,
         explain: Annotated[bool, Query(description="Include each item's top metapath explanation")] = True,
     ) -> Response:
-        """Top-k items for a user the model knows, excluding items they interacted with."""
+        """Top-k items for a user the model knows or who gave feedback, excluding items they interacted with.
+
+        Clicks and ratings posted to ``/feedback`` (by this or any other server on the same store) join
+        the user's history within about ``serve.feedback_poll_seconds``.
+        """
         # Read the engine once: a swap during this request must not mix two models in one answer.
         engine = current_engine()
-        if not engine.known_user(user_id):
+        extra = feedback_history(engine, user_id)
+        if not extra and not engine.known_user(user_id):
             raise HTTPException(status_code=404, detail=_unknown_user(user_id))
-        return answer(engine, user_id, k, None, None, explain)
+        return await answer_async(engine, user_id, k, None, extra or None, explain)
 
     @app.post(
         "/recommendations",
@@ -510,11 +553,15 @@ def create_app(
         dependencies=read_checks,
         responses={404: {"description": "Unknown user and nothing else to go on"}},
     )
-    def recommend_cold(body: RecommendRequest) -> Response:
-        """Top-k items from a profile and/or history (cold users), optionally for a known user id."""
+    async def recommend_cold(body: RecommendRequest) -> Response:
+        """Top-k items from a profile and/or history (cold users), optionally for a known user id.
+
+        With a ``user_id``, the user's feedback since training is added to the given history.
+        """
         engine = current_engine()
         profile = {key: str(value) for key, value in body.profile.items()} if body.profile else None
-        return answer(engine, body.user_id, body.k, profile, body.history, body.explain)
+        history = list(dict.fromkeys([*feedback_history(engine, body.user_id), *(body.history or [])]))
+        return await answer_async(engine, body.user_id, body.k, profile, history or None, body.explain)
 
     @app.post(
         "/feedback",

@@ -27,17 +27,26 @@ class ModelHolder:
     on every poll, since a broken bundle would otherwise be downloaded again every few seconds.
     """
 
-    def __init__(self, source: EngineSource, poll_seconds: float = 5.0, retry_seconds: float = 60.0) -> None:
+    def __init__(
+        self,
+        source: EngineSource,
+        poll_seconds: float = 5.0,
+        retry_seconds: float = 60.0,
+        warm_users: int | None = 0,
+    ) -> None:
         """Create a holder; nothing is loaded until ``start`` or ``refresh`` is called.
 
         Args:
             source: Says which version is the champion and loads it.
             poll_seconds: How often the alias is checked.
             retry_seconds: How long a version that failed to load is left alone before another try.
+            warm_users: Known users whose lists an engine with ``warm`` computes before it takes traffic
+                (None: all; 0: none), so a swap brings no burst of first-time computations.
         """
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         self.source = source
+        self.warm_users = warm_users
         self.poll_seconds = poll_seconds
         self.retry_seconds = retry_seconds
         self._engine: Engine | None = None
@@ -111,6 +120,17 @@ class ModelHolder:
                 return False
             self._failed.pop(wanted, None)
             log.info("loaded model version %s in %.2fs", wanted, time.perf_counter() - start)
+            warm = getattr(engine, "warm", None)
+            if callable(warm) and self.warm_users != 0:
+                # Still off the request path: the old engine answers until the warmed one is installed.
+                begun = time.perf_counter()
+                try:
+                    count = warm(self.warm_users)
+                except Exception:  # a failed warm-up costs speed, not correctness
+                    log.exception("warming model version %s failed; serving it cold", wanted)
+                else:
+                    took = time.perf_counter() - begun
+                    log.info("warmed %s users of version %s in %.2fs", count, wanted, took)
             self.set_engine(engine)
             return True
 

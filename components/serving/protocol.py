@@ -6,7 +6,7 @@ tests use are interchangeable.
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from typing import Protocol, TypedDict, runtime_checkable
 
 
@@ -54,7 +54,7 @@ class Engine(Protocol):
         user_id: str | None,
         k: int,
         profile: dict[str, str] | None = None,
-        history: list[str] | None = None,
+        history: Sequence[str] | None = None,
         explain: bool = True,
     ) -> list[Recommendation]:
         """Rank the top ``k`` items, excluding those the user (or the given history) interacted with.

@@ -27,6 +27,7 @@ from components.serving.app import create_app
 from components.serving.auth import ApiKeyAuth
 from components.serving.feedback import open_store
 from components.serving.holder import ModelHolder
+from components.serving.online import FeedbackFollower, FeedbackOverlay
 from components.serving.protocol import EngineSource
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,14 @@ def build_app(settings: ServeSettings, source: EngineSource | None = None) -> Fa
     source = source if source is not None else load_source(settings)
     log.info("feedback store %s", secrets.redact_url(feedback_url))
     store = open_store(feedback_url)
-    holder = ModelHolder(source, settings.poll_seconds, settings.retry_seconds)
-    return create_app(holder, store, settings, auth=auth)
+    holder = ModelHolder(
+        source, settings.poll_seconds, settings.retry_seconds, warm_users=settings.precompute_users
+    )
+    follower = None
+    if settings.online_feedback:
+        overlay = FeedbackOverlay(frozenset(settings.online_event_types))
+        follower = FeedbackFollower(store, overlay, settings.feedback_poll_seconds)
+    return create_app(holder, store, settings, auth=auth, follower=follower)
 
 
 def app_factory() -> FastAPI:

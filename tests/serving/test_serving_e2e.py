@@ -71,10 +71,11 @@ def server(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             proc.kill()
 
 
-def _offline(workspace: Path, tmp: Path, k: int) -> dict[str, list[tuple[str, float]]]:
+def _offline(workspace: Path, tmp: Path, k: int, *extra: str) -> dict[str, list[tuple[str, float]]]:
     out = tmp / "offline.csv"
+    cmd = [str(METAREC), "recommend", "-w", str(workspace), "--all-users", "--k", str(k), "--out", str(out)]
     proc = subprocess.run(
-        [str(METAREC), "recommend", "-w", str(workspace), "--all-users", "--k", str(k), "--out", str(out)],
+        [*cmd, *extra],
         env=subprocess_env(tmp),
         capture_output=True,
         text=True,
@@ -128,6 +129,63 @@ def test_feedback_needs_the_key_and_is_idempotent(server: str, workspace: Path) 
         assert response.status_code == 200, response.text
         assert {k: response.json()[k] for k in expected} == expected
     assert (workspace / "feedback" / "feedback.db").exists()
+
+
+def _served(server: str, user: str, k: int) -> list[str]:
+    response = httpx.get(f"{server}/recommendations/{user}", params={"k": k})
+    assert response.status_code == 200, response.text
+    return [item["item_id"] for item in response.json()["items"]]
+
+
+def test_feedback_joins_the_users_history_online_and_offline(
+    server: str, workspace: Path, tmp_path: Path
+) -> None:
+    """A click is part of the user's history within a second: the item leaves their list, and a user the
+    model never saw becomes known; `metarec recommend --with-feedback` lists exactly what is served."""
+    user = "u3"
+    first = _served(server, user, 3)[0]
+    newcomer_item = _served(server, "u4", 1)[0]
+    assert httpx.get(f"{server}/recommendations/newcomer").status_code == 404
+    events = [
+        {"event_id": "online-1", "type": "click", "user_id": user, "item_id": first},
+        {
+            "event_id": "online-2",
+            "type": "rating",
+            "user_id": "newcomer",
+            "item_id": newcomer_item,
+            "value": 4,
+        },
+        # Impressions are not interactions: this one must change nothing.
+        {
+                "event_id": "online-3",
+                "type": "impression",
+                "user_id": "u5",
+                "item_id": newcomer_item,
+                "model_version": "1",
+            },
+    ]
+    posted = httpx.post(f"{server}/feedback", json={"events": events}, headers={"X-API-Key": KEY})
+    assert posted.status_code == 200, posted.text
+    acknowledged = time.monotonic()
+    while first in _served(server, user, 3):
+        assert time.monotonic() - acknowledged < 1.0, "the click did not reach the user's history within 1 s"
+        time.sleep(0.02)
+    newcomer = httpx.get(f"{server}/recommendations/newcomer", params={"k": 3})
+    assert newcomer.status_code == 200, newcomer.text
+    assert newcomer_item not in [i["item_id"] for i in newcomer.json()["items"]]
+
+    offline = _offline(workspace, tmp_path, 3, "--with-feedback")
+    assert "newcomer" in offline and first not in [i for i, _ in offline[user]]
+    (tmp_path / "plain").mkdir()
+    plain = _offline(workspace, tmp_path / "plain", 3)
+    assert plain[user] != offline[user] and "newcomer" not in plain
+    assert plain["u5"] == offline["u5"]
+    for who, expected in offline.items():
+        response = httpx.get(f"{server}/recommendations/{who}", params={"k": 3})
+        assert response.status_code == 200, response.text
+        got = [(item["item_id"], item["score"]) for item in response.json()["items"]]
+        assert [i for i, _ in got] == [i for i, _ in expected], who
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], rtol=1e-3, atol=1e-3)
 
 
 def test_alias_move_hot_swaps_without_errors(server: str, workspace: Path, tmp_path: Path) -> None:
