@@ -1,9 +1,16 @@
-"""Open-loop load on the serving API over loopback: latency percentiles, throughput, errors, hot swap.
+"""Load on the serving API over loopback: latency percentiles, throughput, errors, hot swap.
+
+Two modes, both over keep-alive connections from this (separate) process:
+
+* open loop (default, ``--rate``): requests at a constant rate whatever the server does;
+* closed loop (``--clients N``): N clients, each sending its next request when the last one answered,
+  as many as the server sustains.
 
 Usage:
     .venv/bin/python benchmarks/serve_load.py                       # spawn a stand-in server, 200 req/s
     .venv/bin/python benchmarks/serve_load.py --swap-at 10          # ... and move the champion at t=10 s
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --users-file users.txt
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 8 --seconds 30
 
 Requests are sent at a constant rate whatever the server does (open loop), so a stall shows up as latency
 instead of silently lowering the rate. Latency is measured from each request's scheduled send time, which
@@ -197,6 +204,52 @@ def run_load(args: argparse.Namespace, url: str, users: list[str], version_file:
     return [s for s in samples if s.due >= measured_from]
 
 
+def run_closed(args: argparse.Namespace, url: str, users: list[str]) -> tuple[list[Sample], float]:
+    """``args.clients`` keep-alive clients, each sending its next request as soon as the last answered.
+
+    Returns the samples after the warm-up and the measured seconds. Latency is send-to-response (a closed
+    loop has no schedule to fall behind), and the throughput is what the server sustained.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+    measured_from, end = start + args.warmup, start + args.warmup + args.seconds
+
+    def client(offset: int) -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        mine: list[Sample] = []
+        n = offset
+        while (sent := time.perf_counter()) < end:
+            path = f"/recommendations/{urllib.parse.quote(users[n % len(users)])}?k={args.k}"
+            n += args.clients
+            status, version = 0, ""
+            try:
+                conn.request("GET", path, headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+                status = response.status
+                if status == 200:
+                    version = json.loads(body)["model_version"]
+            except (OSError, http.client.HTTPException, ValueError):
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=5)
+            if sent >= measured_from:
+                mine.append(Sample(sent, sent, time.perf_counter(), status, version))
+        conn.close()
+        with lock:
+            samples.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(args.warmup + args.seconds + 30)
+    return samples, args.seconds
+
+
 def summarise(samples: list[Sample], seconds: float) -> dict[str, Any]:
     """Latency percentiles (ms), throughput and errors of a set of samples."""
     ok = [s for s in samples if s.status == 200]
@@ -225,6 +278,12 @@ def main() -> None:
     )
     parser.add_argument("--url", help="target this server instead of spawning the stand-in")
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second (open loop)")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help="closed loop: N keep-alive clients, each as fast as answered",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="measured duration")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured lead-in")
     parser.add_argument("--k", type=int, default=10)
@@ -251,13 +310,23 @@ def main() -> None:
         if url is None:
             proc, url, version_file = spawn_server(args, Path(tmp))
         try:
-            samples = run_load(args, url, users, version_file)
+            if args.clients > 0:
+                samples, _ = run_closed(args, url, users)
+            else:
+                samples = run_load(args, url, users, version_file)
         finally:
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
 
-    result: dict[str, Any] = {"rate": args.rate, "k": args.k, "overall": summarise(samples, args.seconds)}
+    mode = f"closed loop, {args.clients} clients" if args.clients > 0 else f"open loop {args.rate:.0f} req/s"
+    result: dict[str, Any] = {
+        "mode": mode,
+        "rate": None if args.clients > 0 else args.rate,
+        "clients": args.clients or None,
+        "k": args.k,
+        "overall": summarise(samples, args.seconds),
+    }
     if args.swap_at is not None:
         # The swap window: from the alias move until 3 s after it (covers poll + load + switch).
         start = min(s.due for s in samples)
@@ -266,7 +335,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"open loop {args.rate:.0f} req/s, top-{args.k}, {args.seconds:.0f} s measured, {url}")
+    print(f"{mode}, top-{args.k}, {args.seconds:.0f} s measured, {url}")
     columns = ("requests", "errors", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "max_ms")
     print(f"{'':12} " + " ".join(f"{c.replace('throughput_rps', 'req/s'):>8}" for c in columns))
     for name in ("overall", "swap_window"):

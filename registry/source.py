@@ -140,7 +140,12 @@ class RegistrySource:
             check_registered_digest(registered, bundle)
         except BundleError as exc:
             raise BundleError(f"cached bundle {bundle}: {exc}") from None
-        engine = load_bundle(bundle, version=str(version), threads=self.settings.threads)
+        engine = load_bundle(
+            bundle,
+            version=str(version),
+            threads=self.settings.threads,
+            provider=self.settings.execution_provider,
+        )
         if registered.creation_timestamp:  # MLflow ms -> metarec_model_created_timestamp_seconds (alerts)
             engine.created_at = registered.creation_timestamp / 1000
         return engine

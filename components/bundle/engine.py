@@ -114,7 +114,7 @@ class BundleEngine:
     explanation does not depend on the other items in the list.
     """
 
-    def __init__(self, directory: Path, version: str = "", threads: int = 1) -> None:
+    def __init__(self, directory: Path, version: str = "", threads: int = 1, provider: str = "cpu") -> None:
         directory = Path(directory)
         self.directory = directory
         self._version = version
@@ -134,7 +134,8 @@ class BundleEngine:
         if (directory / SEEN).exists():
             with np.load(directory / SEEN, allow_pickle=False) as data:
                 self.seen = _coo_matrix(data, "seen")
-        self.scorer = OnnxScorer(directory / SCORER_ONNX, self.bank, self.profile, threads)
+        self.scorer = OnnxScorer(directory / SCORER_ONNX, self.bank, self.profile, threads, provider)
+        self._provider = provider
         self._encoder: OnnxEncoder | None = None
         self._threads = threads
         self._lock = threading.Lock()
@@ -346,7 +347,9 @@ class BundleEngine:
         """Embed texts with the bundle's int8 ONNX encoder (loaded on first use)."""
         with self._lock:
             if self._encoder is None:
-                self._encoder = OnnxEncoder.from_bundle(self.directory, threads=self._threads)
+                self._encoder = OnnxEncoder.from_bundle(
+                    self.directory, threads=self._threads, provider=self._provider
+                )
         return self._encoder.encode(texts)
 
 
@@ -357,9 +360,11 @@ def _cut(top: _Top, k: int, explain: bool) -> list[dict[str, Any]]:
     ]
 
 
-def load_bundle(directory: str | Path, version: str = "", threads: int = 1) -> BundleEngine:
-    """Verify a bundle against its manifest and load it for serving."""
+def load_bundle(
+    directory: str | Path, version: str = "", threads: int = 1, provider: str = "cpu"
+) -> BundleEngine:
+    """Verify a bundle against its manifest and load it for serving (``provider``: ``cpu`` or ``cuda``)."""
     from components.bundle.format import verify_bundle
 
     verify_bundle(Path(directory))
-    return BundleEngine(Path(directory), version, threads)
+    return BundleEngine(Path(directory), version, threads, provider)

@@ -7,6 +7,7 @@ code that serves. No torch here: the serving process never imports it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from components.core.storage import read_json
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -30,20 +33,36 @@ SCORER_INPUTS = ("history", "profile", "features")
 SCORER_OUTPUTS = ("scores", "gates")
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads, ORT's defaults otherwise.
+#: Execution providers a configuration may ask for; ``cpu`` is the default and the tested path.
+PROVIDERS = ("cpu", "cuda")
+_ORT_NAMES = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def session(path: Path, threads: int = 1, provider: str = "cpu") -> ort.InferenceSession:
+    """An ONNX Runtime session with ``threads`` intra-op threads, ORT's defaults otherwise.
 
     The defaults are all graph optimisations and sequential execution, which the export stage used to set
-    explicitly. It also raised the log level for warnings about initialisers left unused by constant
-    folding; torch 2.13's exports and ORT 1.31 print none (scorer, fp32 and int8 encoder), so serving's
-    plain options stand.
+    explicitly. ``provider="cuda"`` runs on the GPU when the installed runtime (onnxruntime-gpu) can
+    reach one and falls back to the CPU otherwise, with a warning; the providers in use are on
+    ``session.get_providers()``.
+
+    Raises:
+        ValueError: ``provider`` is not one of :data:`PROVIDERS`.
     """
     import onnxruntime as ort
 
+    if provider not in _ORT_NAMES:
+        raise ValueError(f"execution provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    wanted = [p for p in _ORT_NAMES[provider] if p in ort.get_available_providers()]
+    made = ort.InferenceSession(str(path), options, providers=wanted or ["CPUExecutionProvider"])
+    if provider == "cuda" and made.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime-gpu lists CUDA even where no GPU or CUDA library is present; the session then runs
+        # on the CPU, which must be said, not hidden.
+        log.warning("%s: CUDA execution provider unavailable here; running on the CPU", path.name)
+    return made
 
 
 class OnnxEncoder:
@@ -64,23 +83,26 @@ class OnnxEncoder:
         pad_id: int,
         batch_size: int = 64,
         threads: int = 1,
+        provider: str = "cpu",
     ) -> None:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(pad_id=pad_id)
-        self.session = session(onnx_path, threads)
+        self.session = session(onnx_path, threads, provider)
         self.batch_size = batch_size
         self.dim = int(self.session.get_outputs()[0].shape[1])
 
     @classmethod
-    def from_bundle(cls, bundle: Path, batch_size: int = 64, threads: int = 1) -> OnnxEncoder:
+    def from_bundle(
+        cls, bundle: Path, batch_size: int = 64, threads: int = 1, provider: str = "cpu"
+    ) -> OnnxEncoder:
         """The encoder of a bundle directory (``encoder.onnx``, ``tokenizer/``, ``encoder.json``)."""
         meta = read_json(Path(bundle) / ENCODER_JSON)
         tokenizer = Path(bundle) / TOKENIZER_DIR / "tokenizer.json"
         max_length, pad_id = int(meta["max_length"]), int(meta["pad_id"])
-        return cls(Path(bundle) / ENCODER_ONNX, tokenizer, max_length, pad_id, batch_size, threads)
+        return cls(Path(bundle) / ENCODER_ONNX, tokenizer, max_length, pad_id, batch_size, threads, provider)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings ``(n, dim)`` float32 in input order."""
@@ -107,8 +129,10 @@ class OnnxScorer:
     outputs ``scores`` ``[batch, N]`` and ``gates`` ``[batch, C]``.
     """
 
-    def __init__(self, path: Path, bank: FeatureBank, profile: np.ndarray, threads: int = 1) -> None:
-        self.session = session(path, threads)
+    def __init__(
+        self, path: Path, bank: FeatureBank, profile: np.ndarray, threads: int = 1, provider: str = "cpu"
+    ) -> None:
+        self.session = session(path, threads, provider)
         self.bank = bank
         self.profile = np.asarray(profile, dtype=np.float32)
 

@@ -51,6 +51,9 @@ class ServeSettings(_Redacted):
     # ONNX Runtime intra-op threads per worker: one keeps a request's latency predictable while
     # other requests run; scale with workers, not threads.
     threads: int = Field(default=1, ge=1)
+    # ONNX Runtime execution provider: "cuda" runs on a GPU where onnxruntime-gpu reaches one (else the
+    # CPU, with a warning); "cpu" is the default and the path the tests take.
+    execution_provider: Literal["cpu", "cuda"] = "cpu"
     # sqlite:///relative.db or sqlite:////absolute.db (one host), or postgresql://host/db (any number).
     # A URL with a password comes from METAREC_FEEDBACK_URL or METAREC_FEEDBACK_URL_FILE, which win.
     feedback_url: str = "sqlite:///feedback/feedback.db"
