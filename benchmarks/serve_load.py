@@ -11,6 +11,7 @@ Usage:
     .venv/bin/python benchmarks/serve_load.py --swap-at 10          # ... and move the champion at t=10 s
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --users-file users.txt
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 8 --seconds 30
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --rate 20 --cold-items-file f.txt
 
 Requests are sent at a constant rate whatever the server does (open loop), so a stall shows up as latency
 instead of silently lowering the rate. Latency is measured from each request's scheduled send time, which
@@ -145,11 +146,29 @@ def trigger_swap(args: argparse.Namespace, version_file: Path | None) -> None:
         raise SystemExit("--swap-at against --url needs --swap-cmd")
 
 
+PROFILES = [
+    {"age": "25", "gender": "F", "occupation": "writer"},
+    {"age": "40", "gender": "M", "occupation": "engineer"},
+    {"age": "33", "gender": "F", "occupation": "student"},
+]
+
+
+def request_for(args: argparse.Namespace, users: list[str], n: int) -> tuple[str, str, bytes | None]:
+    """Request ``n``: a known user's GET, or with ``--cold-items`` a new user's POST (profile + history)."""
+    if not args.cold_items:
+        return "GET", f"/recommendations/{urllib.parse.quote(users[n % len(users)])}?k={args.k}", None
+    items = args.cold_items
+    history = [items[(n * 7 + j * 131) % len(items)] for j in range(args.cold_history)]
+    body = {"profile": PROFILES[n % len(PROFILES)], "history": history, "k": args.k}
+    return "POST", "/recommendations", json.dumps(body).encode()
+
+
 def run_load(args: argparse.Namespace, url: str, users: list[str], version_file: Path | None) -> list[Sample]:
     """Send requests at ``args.rate`` per second for warmup + seconds; returns the measured samples."""
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    headers["Content-Type"] = "application/json"
     due_times: queue.SimpleQueue[tuple[int, float] | None] = queue.SimpleQueue()
     samples: list[Sample] = []
     lock = threading.Lock()
@@ -159,11 +178,11 @@ def run_load(args: argparse.Namespace, url: str, users: list[str], version_file:
         conn = http.client.HTTPConnection(host, port, timeout=5)
         while (job := due_times.get()) is not None:
             n, due = job
-            path = f"/recommendations/{urllib.parse.quote(users[n % len(users)])}?k={args.k}"
+            method, path, payload = request_for(args, users, n)
             sent = time.perf_counter()
             status, version = 0, ""
             try:
-                conn.request("GET", path, headers=headers)
+                conn.request(method, path, body=payload, headers=headers)
                 response = conn.getresponse()
                 body = response.read()
                 status = response.status
@@ -213,6 +232,7 @@ def run_closed(args: argparse.Namespace, url: str, users: list[str]) -> tuple[li
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    headers["Content-Type"] = "application/json"
     samples: list[Sample] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -223,11 +243,11 @@ def run_closed(args: argparse.Namespace, url: str, users: list[str]) -> tuple[li
         mine: list[Sample] = []
         n = offset
         while (sent := time.perf_counter()) < end:
-            path = f"/recommendations/{urllib.parse.quote(users[n % len(users)])}?k={args.k}"
+            method, path, payload = request_for(args, users, n)
             n += args.clients
             status, version = 0, ""
             try:
-                conn.request("GET", path, headers=headers)
+                conn.request(method, path, body=payload, headers=headers)
                 response = conn.getresponse()
                 body = response.read()
                 status = response.status
@@ -295,9 +315,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="spawned server's uvicorn workers")
     parser.add_argument("--table-shape", default="943x1682", help="stand-in engine: <users>x<items>")
     parser.add_argument("--load-seconds", type=float, default=1.0, help="stand-in engine's load time")
+    parser.add_argument(
+        "--cold-items-file",
+        type=Path,
+        help="item ids, one a line: POST /recommendations for new users (profile + --cold-history items)",
+    )
+    parser.add_argument("--cold-history", type=int, default=5, help="history items per new-user request")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args()
 
+    args.cold_items = []
+    if args.cold_items_file:
+        args.cold_items = [
+            line.strip() for line in args.cold_items_file.read_text().splitlines() if line.strip()
+        ]
     if args.users_file:
         users = [line.strip() for line in args.users_file.read_text().splitlines() if line.strip()]
     else:
