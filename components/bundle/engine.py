@@ -125,6 +125,8 @@ class BundleEngine:
         self.users = pd.read_parquet(directory / "users.parquet").sort_values("user")
         self._item_ids = self.items.item_id.astype(str).tolist()
         self._item_index = {item: k for k, item in enumerate(self._item_ids)}
+        titles = self.items["title"] if "title" in self.items else self.items["item_id"]
+        self._titles = dict(zip(self.items["item"].astype(int), titles.astype(str), strict=True))
         self._user_index = {u: k for k, u in enumerate(self.users.user_id.astype(str))}
         self.bank = FeatureBank.load(directory)
         with np.load(directory / "profiles.npz", allow_pickle=False) as data:
@@ -249,6 +251,12 @@ class BundleEngine:
         seen[extra] = True
         history_row = sp.csr_matrix(hist, dtype=np.float32)
         users = None if user is None else np.asarray([user])
+        new = (
+            extra[np.asarray(self.history[user, extra].todense()).ravel() == 0] if user is not None else extra
+        )
+        if user is not None and len(new):
+            text = self.profile_text(user, new)
+            prof = None if text is None else self.encode([text])[0]
         scores, gates, feats = self.scorer.score_rows(history_row, users, prof, attributes)
         row = scores[0].astype(np.float64)
         row[seen] = -np.inf
@@ -327,6 +335,26 @@ class BundleEngine:
         if user is not None and channel.source in self.bank.user_attributes:
             return np.asarray(self.bank.user_attributes[channel.source][user].toarray()).ravel().astype(float)
         return None
+
+    def profile_text(self, user: int, extra: np.ndarray) -> str | None:
+        """A known user's profile text with ``extra`` items (feedback since training) as the most recent.
+
+        None for a bundle exported before ``users.parquet`` carried ``recent_items``/``n_history``: the
+        stored profile vector is used then.
+        """
+        if "recent_items" not in self.users.columns:
+            return None
+        from components.text.verbalise import DEFAULT_USER_TEMPLATE, user_text
+
+        row = self.users.iloc[user]
+        recent = [int(i) for i in row["recent_items"]]
+        new = [int(i) for i in extra if int(i) not in recent]
+        # Only the last n_recent entries are named and the length is n_history, so the older training
+        # items need not be known: placeholders stand for them (never named, as n_history >= n_recent).
+        older = [-1] * max(0, int(row["n_history"]) - len(recent))
+        n_recent = int(self.text_cfg.get("n_recent", 10))
+        template = self.text_cfg.get("user_template", DEFAULT_USER_TEMPLATE)
+        return user_text(row.to_dict(), older + recent + new, self._titles, n_recent, template)
 
     def _profile_vector(self, profile: dict[str, str]) -> np.ndarray:
         """Embed a cold user's profile text with the bundle's int8 encoder."""

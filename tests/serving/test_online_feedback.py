@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from components.serving.feedback import FeedbackEvent, SQLiteFeedbackStore
@@ -114,6 +115,13 @@ def test_remembered_lists_equal_fresh_rankings(metarec_workspace: TrainedWorkspa
         assert engine.recommend(user, 3, history=history) == fresh
         assert engine.cached(user, 3, history=history) == fresh
         assert history[0] not in [r["item_id"] for r in fresh]
+    # The text profile of a user with feedback names the new item first among what they recently watched.
+    user = users[0]
+    item = engine.rank(user, 1)[0]["item_id"]
+    index = engine._item_index[item]
+    text = engine.profile_text(engine._user_index[user], np.asarray([index]))
+    assert text is not None and f"Recently watched: {engine._titles[index]}" in text, text
+    assert text != engine.profile_text(engine._user_index[user], np.asarray([], dtype=np.int64))
     # A user known only from feedback, and the cases that are never remembered.
     assert engine.recommend("newcomer", 2, history=items[:1]) == engine.rank(None, 2, history=items[:1])
     assert engine.cached(users[0], TOP_DEPTH + 1) is None

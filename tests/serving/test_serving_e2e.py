@@ -157,12 +157,12 @@ def test_feedback_joins_the_users_history_online_and_offline(
         },
         # Impressions are not interactions: this one must change nothing.
         {
-                "event_id": "online-3",
-                "type": "impression",
-                "user_id": "u5",
-                "item_id": newcomer_item,
-                "model_version": "1",
-            },
+            "event_id": "online-3",
+            "type": "impression",
+            "user_id": "u5",
+            "item_id": newcomer_item,
+            "model_version": "1",
+        },
     ]
     posted = httpx.post(f"{server}/feedback", json={"events": events}, headers={"X-API-Key": KEY})
     assert posted.status_code == 200, posted.text
