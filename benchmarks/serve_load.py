@@ -155,6 +155,8 @@ PROFILES = [
 
 def request_for(args: argparse.Namespace, users: list[str], n: int) -> tuple[str, str, bytes | None]:
     """Request ``n``: a known user's GET, or with ``--cold-items`` a new user's POST (profile + history)."""
+    if args.health:
+        return "GET", "/health", None
     if not args.cold_items:
         return "GET", f"/recommendations/{urllib.parse.quote(users[n % len(users)])}?k={args.k}", None
     items = args.cold_items
@@ -187,7 +189,7 @@ def run_load(args: argparse.Namespace, url: str, users: list[str], version_file:
                 body = response.read()
                 status = response.status
                 if status == 200:
-                    version = json.loads(body)["model_version"]
+                    version = json.loads(body).get("model_version", "")
             except (OSError, http.client.HTTPException, ValueError):
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=5)
@@ -252,7 +254,7 @@ def run_closed(args: argparse.Namespace, url: str, users: list[str]) -> tuple[li
                 body = response.read()
                 status = response.status
                 if status == 200:
-                    version = json.loads(body)["model_version"]
+                    version = json.loads(body).get("model_version", "")
             except (OSError, http.client.HTTPException, ValueError):
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=5)
@@ -320,6 +322,7 @@ def main() -> None:
         type=Path,
         help="item ids, one a line: POST /recommendations for new users (profile + --cold-history items)",
     )
+    parser.add_argument("--health", action="store_true", help="GET /health: the HTTP stack's own floor")
     parser.add_argument("--cold-history", type=int, default=5, help="history items per new-user request")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args()

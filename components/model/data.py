@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from components.data.kg import INTERACTED, HeteroGraph
 from components.metapaths.schema import Metapath, parse
-from components.model.features import build_bank
+from components.model.features import DENSE_BUDGET_BYTES, build_bank
 from components.model.loop import FusionInputs, temporal_holdout
 
 
@@ -51,6 +51,7 @@ def assemble(
     ease_l2: float | None,
     holdout: float,
     age_buckets: list[int] | None = None,
+    dense_budget_bytes: int = DENSE_BUDGET_BYTES,
 ) -> FusionInputs:
     """Build :class:`FusionInputs`: the temporal holdout cut and a feature bank for each side."""
     n_users, n_items = train_matrix.shape
@@ -60,9 +61,13 @@ def assemble(
         profile=np.asarray(profile, dtype=np.float32),
         history=history,
         targets=targets,
-        fit_bank=build_bank(graph, history, paths, weighting, damping, ease_l2, age_buckets),
+        fit_bank=build_bank(
+            graph, history, paths, weighting, damping, ease_l2, age_buckets, dense_budget_bytes
+        ),
         eval_history=train_matrix,
-        eval_bank=build_bank(graph, train_matrix, paths, weighting, damping, ease_l2, age_buckets),
+        eval_bank=build_bank(
+            graph, train_matrix, paths, weighting, damping, ease_l2, age_buckets, dense_budget_bytes
+        ),
         valid=valid_matrix,
         warm=np.asarray(train_matrix.sum(axis=0)).ravel() > 0,
     )

@@ -28,6 +28,8 @@ from components.data.kg import INTERACTED, HeteroGraph
 from components.metapaths.counting import Counter
 from components.metapaths.schema import Metapath
 
+#: Dense suffixes up to this size (256 MiB: ml-100k's 1682 items take 11 MB); larger ones stay factored.
+DENSE_BUDGET_BYTES = 256 << 20
 HISTORY = "history"
 CONSTANT = "constant"
 FEATURES_JSON = "features.json"
@@ -35,16 +37,62 @@ FEATURES_NPZ = "features.npz"
 
 
 @dataclass
+class Factors:
+    """A suffix kept as its chain: ``diag(row_scale) · F1 ⋯ Fk · diag(col_scale)``, each ``F`` sparse.
+
+    Memory grows with the graph's edges instead of ``n_source × n_items``; applying it to a few source
+    rows is a few sparse products. Equal to the dense suffix up to float rounding (tested).
+    """
+
+    factors: list[sp.csr_matrix]
+    row_scale: np.ndarray | None = None  # (n_source,) or None
+    col_scale: np.ndarray | None = None  # (n_items,) or None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.factors[0].shape[0], self.factors[-1].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        sizes = [f.data.nbytes + f.indices.nbytes + f.indptr.nbytes for f in self.factors]
+        return int(sum(sizes)) + sum(int(v.nbytes) for v in (self.row_scale, self.col_scale) if v is not None)
+
+    def apply(self, src: sp.spmatrix) -> np.ndarray:
+        """``src @ suffix`` as a dense float32 array."""
+        acc: Any = sp.csr_matrix(src, dtype=np.float32)
+        if self.row_scale is not None:
+            acc = acc.multiply(self.row_scale[None, :]).tocsr()
+        for factor in self.factors:
+            acc = acc @ factor
+        out = acc.toarray() if sp.issparse(acc) else np.asarray(acc)
+        if self.col_scale is not None:
+            out = out * self.col_scale[None, :]
+        return np.asarray(out, dtype=np.float32)
+
+    def dense(self) -> np.ndarray:
+        """The whole suffix (tests and small graphs only)."""
+        return self.apply(sp.identity(self.shape[0], dtype=np.float32, format="csr"))
+
+
+@dataclass
 class Channel:
-    """One feature channel: where its source row comes from and its suffix matrix."""
+    """One feature channel: where its source row comes from and its suffix (dense, or as factors)."""
 
     name: str
     # "history" (the user's interacted items), "constant" (same row for everyone) or a user-attribute
     # relation key such as "user.occupation" whose rows are one-hot over that attribute's values.
     source: str
-    suffix: np.ndarray  # (n_source, n_items) float32; (1, n_items) for a constant channel
+    # (n_source, n_items) float32, (1, n_items) for a constant channel; or its sparse chain when the dense
+    # matrix would exceed the bank's budget (a 20k-item catalogue makes 1.6 GB per dense channel).
+    suffix: np.ndarray | Factors
     kind: str = "metapath"  # metapath | popularity | ease
     metapath_id: str | None = None
+
+    def apply(self, src: sp.spmatrix) -> np.ndarray:
+        """``src @ suffix``, float32 ``(n, n_items)``."""
+        if isinstance(self.suffix, Factors):
+            return self.suffix.apply(src)
+        return np.asarray(src @ self.suffix, dtype=np.float32)
 
 
 @dataclass
@@ -96,7 +144,7 @@ class FeatureBank:
         out = np.zeros((n, len(self.channels), self.n_items), dtype=np.float32)
         for c, channel in enumerate(self.channels):
             if channel.source == CONSTANT:
-                out[:, c, :] = channel.suffix[0]
+                out[:, c, :] = np.asarray(channel.suffix)[0]
                 continue
             if channel.source == HISTORY:
                 src = history
@@ -106,8 +154,7 @@ class FeatureBank:
                 src = self.user_attributes[channel.source][users]
             else:
                 continue  # an attribute the caller does not know: the channel stays zero
-            raw = np.asarray(src @ channel.suffix, dtype=np.float32)
-            out[:, c, :] = _normalise(raw)
+            out[:, c, :] = _normalise(channel.apply(src))
         return out
 
     def profile_attributes(self, profile: dict[str, str]) -> dict[str, sp.csr_matrix]:
@@ -141,15 +188,26 @@ class FeatureBank:
             "age_buckets": list(self.age_buckets),
         }
         for c, channel in enumerate(self.channels):
-            arrays[f"suffix_{c}"] = channel.suffix.astype(np.float32)
-            meta["channels"].append(
-                {
-                    "name": channel.name,
-                    "source": channel.source,
-                    "kind": channel.kind,
-                    "metapath_id": channel.metapath_id,
-                }
-            )
+            entry: dict[str, Any] = {
+                "name": channel.name,
+                "source": channel.source,
+                "kind": channel.kind,
+                "metapath_id": channel.metapath_id,
+            }
+            if isinstance(channel.suffix, Factors):
+                chain = channel.suffix
+                entry["factors"] = len(chain.factors)
+                for j, factor in enumerate(chain.factors):
+                    for part in ("data", "indices", "indptr"):
+                        arrays[f"factor_{c}_{j}_{part}"] = getattr(factor, part)
+                    arrays[f"factor_{c}_{j}_shape"] = np.asarray(factor.shape, dtype=np.int64)
+                for name in ("row_scale", "col_scale"):
+                    value = getattr(chain, name)
+                    if value is not None:
+                        arrays[f"{name}_{c}"] = value.astype(np.float32)
+            else:
+                arrays[f"suffix_{c}"] = channel.suffix.astype(np.float32)
+            meta["channels"].append(entry)
         for a, (key, matrix) in enumerate(sorted(self.user_attributes.items())):
             coo = matrix.tocoo()
             arrays[f"attr_{a}_rows"] = coo.row.astype(np.int64)
@@ -169,7 +227,7 @@ class FeatureBank:
         meta = read_json(Path(directory) / FEATURES_JSON)
         with np.load(Path(directory) / FEATURES_NPZ, allow_pickle=False) as data:
             channels = [
-                Channel(m["name"], m["source"], data[f"suffix_{c}"], m["kind"], m["metapath_id"])
+                Channel(m["name"], m["source"], _read_suffix(data, c, m), m["kind"], m["metapath_id"])
                 for c, m in enumerate(meta["channels"])
             ]
             attributes, values, fields = {}, {}, {}
@@ -186,30 +244,64 @@ class FeatureBank:
         )
 
 
+def _read_suffix(data: Any, c: int, meta: dict[str, Any]) -> np.ndarray | Factors:
+    if not meta.get("factors"):
+        return np.asarray(data[f"suffix_{c}"])
+    factors = [
+        sp.csr_matrix(
+            tuple(data[f"factor_{c}_{j}_{part}"] for part in ("data", "indices", "indptr")),
+            shape=tuple(int(x) for x in data[f"factor_{c}_{j}_shape"]),
+        )
+        for j in range(int(meta["factors"]))
+    ]
+    scales = [data[f"{n}_{c}"] if f"{n}_{c}" in data.files else None for n in ("row_scale", "col_scale")]
+    return Factors(factors, scales[0], scales[1])
+
+
 def _normalise(raw: np.ndarray) -> np.ndarray:
     """Divide each row by its largest absolute value; all-zero rows stay zero."""
     peak = np.abs(raw).max(axis=1, keepdims=True)
     return np.divide(raw, peak, out=np.zeros_like(raw), where=peak > 0)
 
 
-def suffix_matrix(counter: Counter, path: Metapath) -> np.ndarray:
-    """The dense suffix ``S`` of a metapath (see the module docstring), float32."""
+def _scales(counter: Counter, path: Metapath) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The suffix's row and column scales (float64), None where the weighting has none."""
     if path.length < 2:
         raise ValueError(f"metapath {path.id} has no suffix: length-1 paths only restate the history")
-    acc: Any = counter.matrix(path.keys[1])
-    for key in path.keys[2:]:
-        acc = acc @ counter.matrix(key)
-    dense = acc.toarray() if sp.issparse(acc) else np.asarray(acc)
+    rows = cols = None
     if counter.weighting == "dwpc" and counter.damping > 0:
         # DWPC also damps the first relation by its destination degrees: a column scale of the user's
         # source row, folded into the suffix's rows so the source row stays binary.
         degrees = np.asarray(counter.graph.matrix(path.keys[0]).sum(axis=0), dtype=np.float64).ravel()
         rows = np.divide(1.0, degrees**counter.damping, out=np.zeros_like(degrees), where=degrees > 0)
-        dense = rows[:, None] * dense
     if counter.weighting == "pathsim":
-        _, cols = counter.endpoint_sums(path)
-        scale = np.divide(1.0, np.sqrt(cols), out=np.zeros_like(cols), where=cols > 0)
-        dense = dense * scale[None, :]
+        _, sums = counter.endpoint_sums(path)
+        cols = np.divide(1.0, np.sqrt(sums), out=np.zeros_like(sums), where=sums > 0)
+    return rows, cols
+
+
+def suffix_factors(counter: Counter, path: Metapath) -> Factors:
+    """The suffix ``S`` of a metapath (see the module docstring) as its sparse chain, float32."""
+    rows, cols = _scales(counter, path)
+    factors = [sp.csr_matrix(counter.matrix(key), dtype=np.float32) for key in path.keys[1:]]
+    return Factors(
+        factors,
+        None if rows is None else rows.astype(np.float32),
+        None if cols is None else cols.astype(np.float32),
+    )
+
+
+def suffix_matrix(counter: Counter, path: Metapath) -> np.ndarray:
+    """The dense suffix ``S`` of a metapath (see the module docstring), float32."""
+    rows, cols = _scales(counter, path)
+    acc: Any = counter.matrix(path.keys[1])
+    for key in path.keys[2:]:
+        acc = acc @ counter.matrix(key)
+    dense = acc.toarray() if sp.issparse(acc) else np.asarray(acc)
+    if rows is not None:
+        dense = rows[:, None] * dense
+    if cols is not None:
+        dense = dense * cols[None, :]
     return np.asarray(dense, dtype=np.float32)
 
 
@@ -228,6 +320,7 @@ def build_bank(
     damping: float,
     ease_l2: float | None,
     age_buckets: list[int] | None = None,
+    dense_budget_bytes: int = DENSE_BUDGET_BYTES,
 ) -> FeatureBank:
     """Channels for ``paths`` on ``graph`` with ``train`` as its interactions, plus popularity/EASE.
 
@@ -239,6 +332,8 @@ def build_bank(
         damping: DWPC damping.
         ease_l2: L2 of the EASE channel, or None for no EASE channel.
         age_buckets: The graph's age bucket edges (``kg.age_buckets``), for cold users' raw ages.
+        dense_budget_bytes: A metapath channel whose dense suffix would take more than this is kept as
+            its sparse chain (:class:`Factors`); at or below it, dense (faster to apply).
     """
     from components.data.kg import with_interactions
 
@@ -256,9 +351,10 @@ def build_bank(
             values[first] = list(counter.graph.node_ids[path.types[1]])
             source_fields = counter.graph.relations[first].source
             fields[first] = source_fields[0] if source_fields else ""
-        channels.append(
-            Channel(path.label or path.id, source, suffix_matrix(counter, path), "metapath", path.id)
-        )
+        n_source = counter.matrix(path.keys[1]).shape[0]
+        dense = n_source * n_items * 4 <= dense_budget_bytes
+        suffix = suffix_matrix(counter, path) if dense else suffix_factors(counter, path)
+        channels.append(Channel(path.label or path.id, source, suffix, "metapath", path.id))
     channels.append(Channel("popularity", CONSTANT, popularity_row(train), "popularity"))
     if ease_l2 is not None:
         channels.append(Channel("ease", HISTORY, ease_matrix(train, ease_l2), "ease"))

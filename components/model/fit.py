@@ -104,6 +104,7 @@ def fit(
         mcfg.ease_l2,
         mcfg.holdout,
         age_buckets,
+        int(mcfg.dense_suffix_mb * (1 << 20)),
     )
     net, summary = train(inputs, TrainConfig.from_section(mcfg, seed, eval_metric), on_epoch)
     summary["channels"] = inputs.eval_bank.names

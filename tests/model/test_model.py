@@ -193,6 +193,33 @@ def test_bank_channels_equal_mining_counter(weighting: str) -> None:
     assert bank.collaborative.tolist() == [True, False, True, False, False, False, True]
 
 
+@pytest.mark.parametrize("weighting", ["pathsim", "dwpc", "count"])
+def test_factored_channels_equal_dense_ones_and_survive_save_load(weighting: str, tmp_path: Path) -> None:
+    """Over the dense budget a channel is kept as its sparse chain: same features, linear memory."""
+    rng = np.random.default_rng(11)
+    n_users, n_items = 40, 30
+    graph = make_graph(n_users, random_genres(n_items, rng), rng)
+    train_matrix = sp.csr_matrix((rng.random((n_users, n_items)) < 0.2).astype(np.float32))
+    paths = [parse(p, graph.schema) for p in (CF, GENRE, OCCUPATION, PREQUEL_GENRE, OCCUPATION_PREQUEL)]
+    dense = build_bank(graph, train_matrix, paths, weighting, 0.5, 50.0)
+    factored = build_bank(graph, train_matrix, paths, weighting, 0.5, 50.0, dense_budget_bytes=0)
+    kinds = [type(c.suffix).__name__ for c in factored.channels]
+    assert kinds == ["Factors"] * len(paths) + ["ndarray", "ndarray"]  # popularity and EASE stay dense
+    assert all(isinstance(c.suffix, np.ndarray) for c in dense.channels)
+    factored.save(tmp_path)
+    loaded = FeatureBank.load(tmp_path)
+    assert [type(c.suffix).__name__ for c in loaded.channels] == kinds
+    users = np.array([3, 0, 21, 39])
+    expected = dense.rows(train_matrix[users], users)
+    for bank in (factored, loaded):
+        np.testing.assert_allclose(bank.rows(train_matrix[users], users), expected, rtol=1e-5, atol=1e-6)
+    for c, path in enumerate(paths):
+        suffix = loaded.channels[c].suffix
+        assert not isinstance(suffix, np.ndarray)
+        np.testing.assert_allclose(suffix.dense(), dense.channels[c].suffix, rtol=1e-5, atol=1e-7)
+        assert suffix.nbytes > 0, path.id
+
+
 def test_profile_attributes_map_known_and_unknown_values() -> None:
     """A known profile value gives a one-hot row; an unknown or missing value an empty row."""
     rng = np.random.default_rng(1)
