@@ -264,8 +264,8 @@ def recommend(
         bool,
         typer.Option(
             "--with-feedback",
-            help="Add each user's clicks/ratings from the feedback store to their history, as `metarec serve` "
-            "does (fusion model); users known only from feedback are listed too.",
+            help="Add each user's clicks/ratings from the feedback store to their history, as "
+            "`metarec serve` does (fusion model); users known only from feedback are listed too.",
         ),
     ] = False,
 ) -> None:
