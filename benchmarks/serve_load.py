@@ -362,10 +362,15 @@ def main() -> None:
         "overall": summarise(samples, args.seconds),
     }
     if args.swap_at is not None:
-        # The swap window: from the alias move until 3 s after it (covers poll + load + switch).
+        # The swap window: from the alias move until 2 s after the first answer from the new version
+        # (poll, download, verify, load, warm and switch all fall inside), or to the end of the run.
         start = min(s.due for s in samples)
-        window = [s for s in samples if args.swap_at <= s.due - start < args.swap_at + 3]
-        result["swap_window"] = summarise(window, 3.0)
+        first = min(samples, key=lambda s: s.due).version
+        moved = [s.done - start for s in samples if s.status == 200 and s.version != first]
+        until = min(moved) + 2.0 if moved else args.seconds
+        window = [s for s in samples if args.swap_at <= s.due - start < until]
+        result["swap_window"] = summarise(window, until - args.swap_at)
+        result["new_version_after_s"] = round(min(moved) - args.swap_at, 2) if moved else None
     if args.json:
         print(json.dumps(result, indent=2))
         return

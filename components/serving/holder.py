@@ -120,19 +120,27 @@ class ModelHolder:
                 return False
             self._failed.pop(wanted, None)
             log.info("loaded model version %s in %.2fs", wanted, time.perf_counter() - start)
-            warm = getattr(engine, "warm", None)
-            if callable(warm) and self.warm_users != 0:
-                # Still off the request path: the old engine answers until the warmed one is installed.
-                begun = time.perf_counter()
-                try:
-                    count = warm(self.warm_users)
-                except Exception:  # a failed warm-up costs speed, not correctness
-                    log.exception("warming model version %s failed; serving it cold", wanted)
-                else:
-                    took = time.perf_counter() - begun
-                    log.info("warmed %s users of version %s in %.2fs", count, wanted, took)
-            self.set_engine(engine)
+            if self._engine is None:
+                # Nothing serves yet: answer now (misses are computed exactly) and warm in place.
+                self.set_engine(engine)
+                self._warm(engine, wanted)
+            else:
+                # The old engine answers until the new one is warm, so a swap brings no burst of misses.
+                self._warm(engine, wanted)
+                self.set_engine(engine)
             return True
+
+    def _warm(self, engine: Engine, version: str) -> None:
+        warm = getattr(engine, "warm", None)
+        if not callable(warm) or self.warm_users == 0:
+            return
+        begun = time.perf_counter()
+        try:
+            count = warm(self.warm_users)
+        except Exception:  # a failed warm-up costs speed, not correctness
+            log.exception("warming model version %s failed; serving it cold", version)
+        else:
+            log.info("warmed %s users of version %s in %.2fs", count, version, time.perf_counter() - begun)
 
     def start(self) -> None:
         """Start the background poller (idempotent); the first load happens on it, not here."""
