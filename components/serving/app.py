@@ -511,7 +511,7 @@ def create_app(
         version = holder.version
         if version is None:
             return JSONResponse(status_code=503, content={"ready": False, "detail": "no model loaded yet"})
-        return JSONResponse(content={"ready": True, "model_version": version})
+        return JSONResponse(content={"ready": True, "model_version": version, "warming": holder.warming})
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus(request: Request) -> Response:

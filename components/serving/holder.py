@@ -58,6 +58,8 @@ class ModelHolder:
         self._thread: threading.Thread | None = None
         self.swaps = 0
         self.load_failures = 0
+        #: True while a loaded version's lists are being precomputed (``/ready`` reports it).
+        self.warming = False
 
     @property
     def engine(self) -> Engine | None:
@@ -135,12 +137,15 @@ class ModelHolder:
         if not callable(warm) or self.warm_users == 0:
             return
         begun = time.perf_counter()
+        self.warming = True
         try:
             count = warm(self.warm_users)
         except Exception:  # a failed warm-up costs speed, not correctness
             log.exception("warming model version %s failed; serving it cold", version)
         else:
             log.info("warmed %s users of version %s in %.2fs", count, version, time.perf_counter() - begun)
+        finally:
+            self.warming = False
 
     def start(self) -> None:
         """Start the background poller (idempotent); the first load happens on it, not here."""

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-seconds", type=float, default=ServeSettings().poll_seconds)
     parser.add_argument("--require-key-for-reads", action="store_true")
     parser.add_argument("--allow-anonymous-writes", action="store_true")
+    parser.add_argument("--precompute-users", type=int, default=ServeSettings().precompute_users)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--access-log", action="store_true", help="Log one line per request.")
     parser.add_argument(
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             workers=args.workers,
             feedback_url=args.feedback_url,
             poll_seconds=args.poll_seconds,
+            precompute_users=args.precompute_users,
             require_key_for_reads=args.require_key_for_reads,
             allow_anonymous_writes=args.allow_anonymous_writes,
             log_level=args.log_level,

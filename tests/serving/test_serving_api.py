@@ -51,7 +51,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 def test_health_ready_and_not_ready(tmp_path: Path, served: Served) -> None:
     assert served.client.get("/health").json() == {"status": "ok"}
-    assert served.client.get("/ready").json() == {"ready": True, "model_version": "v1"}
+    assert served.client.get("/ready").json() == {"ready": True, "model_version": "v1", "warming": False}
     # No champion yet: the process is alive but not ready, and recommendations say why.
     holder = ModelHolder(FileVersionSource(tmp_path / "nothing"), poll_seconds=0.05)
     app = create_app(holder, SQLiteFeedbackStore(tmp_path / "f.db"), auth=ApiKeyAuth(API_KEY))
