@@ -146,11 +146,16 @@ def trigger_swap(args: argparse.Namespace, version_file: Path | None) -> None:
         raise SystemExit("--swap-at against --url needs --swap-cmd")
 
 
-PROFILES = [
-    {"age": "25", "gender": "F", "occupation": "writer"},
-    {"age": "40", "gender": "M", "occupation": "engineer"},
-    {"age": "33", "gender": "F", "occupation": "student"},
-]
+OCCUPATIONS = (
+    "administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive", "healthcare",
+    "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer", "retired", "salesman",
+    "scientist", "student", "technician", "writer",
+)  # fmt: skip
+
+
+def profile_for(n: int) -> dict[str, str]:
+    """A new user's profile: 50 ages x 2 genders x 21 occupations, so few repeat within a run."""
+    return {"age": str(18 + n % 50), "gender": "FM"[n % 2], "occupation": OCCUPATIONS[(n // 2) % 21]}
 
 
 def request_for(args: argparse.Namespace, users: list[str], n: int) -> tuple[str, str, bytes | None]:
@@ -161,7 +166,7 @@ def request_for(args: argparse.Namespace, users: list[str], n: int) -> tuple[str
         return "GET", f"/recommendations/{urllib.parse.quote(users[n % len(users)])}?k={args.k}", None
     items = args.cold_items
     history = [items[(n * 7 + j * 131) % len(items)] for j in range(args.cold_history)]
-    body = {"profile": PROFILES[n % len(PROFILES)], "history": history, "k": args.k}
+    body = {"profile": profile_for(n), "history": history, "k": args.k}
     return "POST", "/recommendations", json.dumps(body).encode()
 
 

@@ -32,6 +32,8 @@ TOP_DEPTH = 20
 #: Lists remembered for users with new history (feedback) or cold users with only a history, beyond the
 #: precomputed known users'; the oldest go first.
 MEMO_LIMIT = 20_000
+#: Distinct cold-user profiles whose embeddings are remembered.
+PROFILE_LIMIT = 4096
 
 # One remembered list: (item id, score, explanation) per rank, best first.
 _Top = list[tuple[str, float, str | None]]
@@ -158,6 +160,8 @@ class BundleEngine:
         self._warm: dict[tuple[str | None, tuple[str, ...]], _Top] = {}
         self._memo: dict[tuple[str | None, tuple[str, ...]], _Top] = {}
         self._memo_lock = threading.Lock()
+        # Cold users' profile embeddings: demographics repeat, and one costs an encoder run.
+        self._profiles: dict[tuple[tuple[str, str], ...], np.ndarray] = {}
 
     # --- Engine protocol -------------------------------------------------------------------------
     @property
@@ -357,9 +361,20 @@ class BundleEngine:
         return user_text(row.to_dict(), older + recent + new, self._titles, n_recent, template)
 
     def _profile_vector(self, profile: dict[str, str]) -> np.ndarray:
-        """Embed a cold user's profile text with the bundle's int8 encoder."""
+        """Embed a cold user's profile text with the bundle's int8 encoder (remembered per profile)."""
         if not profile:
             return np.zeros(self.profile.shape[1], dtype=np.float32)
+        key = tuple(sorted((str(k), str(v)) for k, v in profile.items()))
+        found = self._profiles.get(key)
+        if found is None:
+            found = self._encode_profile(profile)
+            with self._memo_lock:
+                if len(self._profiles) >= PROFILE_LIMIT:
+                    self._profiles.clear()  # rare; simpler than an LRU and bounded all the same
+                self._profiles[key] = found
+        return found
+
+    def _encode_profile(self, profile: dict[str, str]) -> np.ndarray:
         from components.text.verbalise import DEFAULT_USER_TEMPLATE, user_texts
 
         row = {"user": 0, "user_id": "new", **{k: str(v) for k, v in profile.items()}}
