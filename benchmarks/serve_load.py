@@ -137,7 +137,8 @@ def trigger_swap(args: argparse.Namespace, version_file: Path | None) -> None:
     passes ``metarec registry promote VERSION --force``); the stand-in's champion is a file.
     """
     if args.swap_cmd:
-        subprocess.run(shlex.split(args.swap_cmd), check=True)
+        # Its output must not mix with this tool's (--json writes to stdout).
+        subprocess.run(shlex.split(args.swap_cmd), check=True, stdout=subprocess.DEVNULL)
     elif version_file is not None:
         tmp = version_file.with_suffix(".tmp")
         tmp.write_text("v2")
@@ -329,8 +330,12 @@ def main() -> None:
     )
     parser.add_argument("--health", action="store_true", help="GET /health: the HTTP stack's own floor")
     parser.add_argument("--cold-history", type=int, default=5, help="history items per new-user request")
+    parser.add_argument("--switch-interval", type=float, default=0.0002, help="this client's GIL switch (s)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args()
+    # The client's threads share one GIL: at the default 5 ms switch interval a thread due to send (or to
+    # read its answer) can wait that long for another, which this tool would report as server latency.
+    sys.setswitchinterval(args.switch_interval)
 
     args.cold_items = []
     if args.cold_items_file:

@@ -33,7 +33,12 @@ for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
     sleep 0.2
 done
-echo "ready (loaded and warmed) after $(echo "$(date +%s.%N) - $start" | bc) s; RSS of the server processes:"
+echo "ready (answering) after $(echo "$(date +%s.%N) - $start" | bc) s"
+for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$PORT/ready" | grep -q '"warming":false' && break
+    sleep 0.2
+done
+echo "warm (known users' lists computed) after $(echo "$(date +%s.%N) - $start" | bc) s; RSS of the server processes:"
 ps -o pid=,rss= --ppid "$SERVER" -p "$SERVER" | awk '{printf "  pid %s: %.0f MB\n", $1, $2/1024}'
 
 load() {

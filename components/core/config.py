@@ -71,6 +71,10 @@ class ServeSettings(_Redacted):
     # Replace user ids in the access log and the serving logs by a keyed hash (HMAC-SHA256 with the key
     # in METAREC_USER_ID_SALT or METAREC_USER_ID_SALT_FILE); the same id always gets the same hash.
     hash_user_ids: bool = False
+    # CPython's GIL switch interval in each worker (ms). Loading and warming a new version and the
+    # registry poll run on background threads; at Python's default (5 ms) a request waits that long for
+    # the GIL each time one of them holds it, which is what a swap's latency spike was made of.
+    gil_switch_ms: float = Field(default=0.5, gt=0)
     # Known users whose top lists (with explanations) are computed before a version takes traffic, so
     # their requests are lookups; the rest are computed on first request and remembered. 0: none.
     precompute_users: int = Field(default=20_000, ge=0)

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any, cast
@@ -83,6 +84,7 @@ def build_app(settings: ServeSettings, source: EngineSource | None = None) -> Fa
     """
     # Log filter and auth first: a misconfigured key must stop the server before anything is opened.
     privacy.install(settings)
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     auth = ApiKeyAuth.from_env(settings.require_key_for_reads, settings.allow_anonymous_writes)
     feedback_url = secrets.feedback_url(settings.feedback_url)
     source = source if source is not None else load_source(settings)
