@@ -221,8 +221,9 @@ def serve_and_load(bundle: Path, rate: float, seconds: float, warm: int) -> dict
                 pass
             time.sleep(0.2)
         out: dict[str, Any] = {
-            "ready_s": round(time.perf_counter() - start, 1),
-            "rss_ready_mb": rss_mb(proc.pid),
+            "answering_s": round(ready_s or 0.0, 1),  # /ready 200: the engine is installed
+            "warmed_s": round(time.perf_counter() - start, 1),  # /ready says warming is over
+            "rss_warmed_mb": rss_mb(proc.pid),
         }
         ids = pd.read_parquet(bundle / "users.parquet").user_id.astype(str).tolist()
         # Warmed users (lookups) and users after them (each request computes a list).
