@@ -171,6 +171,25 @@ def request_for(args: argparse.Namespace, users: list[str], n: int) -> tuple[str
     return "POST", "/recommendations", json.dumps(body).encode()
 
 
+def send(
+    conn: http.client.HTTPConnection, request: tuple[str, str, bytes | None], headers: dict[str, str]
+) -> tuple[http.client.HTTPConnection, int, str]:
+    """One request on a keep-alive connection: (the connection to use next, status, model version).
+
+    A failed request counts as status 0 and the connection is replaced, as a client's pool would.
+    """
+    method, path, payload = request
+    try:
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+        version = json.loads(body).get("model_version", "") if response.status == 200 else ""
+        return conn, response.status, version
+    except (OSError, http.client.HTTPException, ValueError):
+        conn.close()
+        return http.client.HTTPConnection(conn.host, conn.port, timeout=5), 0, ""
+
+
 def run_load(args: argparse.Namespace, url: str, users: list[str], version_file: Path | None) -> list[Sample]:
     """Send requests at ``args.rate`` per second for warmup + seconds; returns the measured samples."""
     parts = urllib.parse.urlsplit(url)
@@ -186,19 +205,8 @@ def run_load(args: argparse.Namespace, url: str, users: list[str], version_file:
         conn = http.client.HTTPConnection(host, port, timeout=5)
         while (job := due_times.get()) is not None:
             n, due = job
-            method, path, payload = request_for(args, users, n)
             sent = time.perf_counter()
-            status, version = 0, ""
-            try:
-                conn.request(method, path, body=payload, headers=headers)
-                response = conn.getresponse()
-                body = response.read()
-                status = response.status
-                if status == 200:
-                    version = json.loads(body).get("model_version", "")
-            except (OSError, http.client.HTTPException, ValueError):
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn, status, version = send(conn, request_for(args, users, n), headers)
             done = time.perf_counter()
             with lock:
                 samples.append(Sample(due, sent, done, status, version))
@@ -251,19 +259,8 @@ def run_closed(args: argparse.Namespace, url: str, users: list[str]) -> tuple[li
         mine: list[Sample] = []
         n = offset
         while (sent := time.perf_counter()) < end:
-            method, path, payload = request_for(args, users, n)
+            conn, status, version = send(conn, request_for(args, users, n), headers)
             n += args.clients
-            status, version = 0, ""
-            try:
-                conn.request(method, path, body=payload, headers=headers)
-                response = conn.getresponse()
-                body = response.read()
-                status = response.status
-                if status == 200:
-                    version = json.loads(body).get("model_version", "")
-            except (OSError, http.client.HTTPException, ValueError):
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=5)
             if sent >= measured_from:
                 mine.append(Sample(sent, sent, time.perf_counter(), status, version))
         conn.close()
