@@ -330,6 +330,8 @@ def main() -> None:
     parser.add_argument("--switch-interval", type=float, default=0.0002, help="this client's GIL switch (s)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args()
+    if args.swap_at is not None and args.clients > 0:
+        parser.error("--swap-at is for the open loop (--rate); the closed loop has no schedule to swap on")
     # The client's threads share one GIL: at the default 5 ms switch interval a thread due to send (or to
     # read its answer) can wait that long for another, which this tool would report as server latency.
     sys.setswitchinterval(args.switch_interval)
@@ -372,7 +374,8 @@ def main() -> None:
         # The swap window: from the alias move until 2 s after the first answer from the new version
         # (poll, download, verify, load, warm and switch all fall inside), or to the end of the run.
         start = min(s.due for s in samples)
-        first = min(samples, key=lambda s: s.due).version
+        answered = [s for s in samples if s.status == 200]
+        first = min(answered, key=lambda s: s.due).version if answered else ""
         moved = [s.done - start for s in samples if s.status == 200 and s.version != first]
         until = min(moved) + 2.0 if moved else args.seconds
         window = [s for s in samples if args.swap_at <= s.due - start < until]

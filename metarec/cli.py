@@ -312,6 +312,11 @@ def _feedback_histories(ws: Path) -> dict[str, tuple[str, ...]]:
     from components.serving.online import overlay_from_store
 
     settings = serve_settings(ws, {})
+    if not settings.online_feedback:
+        console.print(
+            "note: serve.online_feedback is false, so `metarec serve` ranks without feedback; "
+            "these lists include it"
+        )
     url = secrets.feedback_url(settings.feedback_url)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return {}  # nothing served yet: no feedback (and no empty store created by a read)

@@ -127,8 +127,6 @@ class BundleEngine:
         self.users = pd.read_parquet(directory / "users.parquet").sort_values("user")
         self._item_ids = self.items.item_id.astype(str).tolist()
         self._item_index = {item: k for k, item in enumerate(self._item_ids)}
-        titles = self.items["title"] if "title" in self.items else self.items["item_id"]
-        self._titles = dict(zip(self.items["item"].astype(int), titles.astype(str), strict=True))
         self._user_index = {u: k for k, u in enumerate(self.users.user_id.astype(str))}
         self.bank = FeatureBank.load(directory)
         with np.load(directory / "profiles.npz", allow_pickle=False) as data:
@@ -192,8 +190,9 @@ class BundleEngine:
             return top
         if profile is not None or k > TOP_DEPTH or (user_id is None and not history):
             return self.rank(user_id, k, profile, history, explain)
-        key = (None if user_id is None else str(user_id), tuple(str(h) for h in history or ()))
-        found = self._remember(key, self.rank(user_id, TOP_DEPTH, None, history, True))
+        found = self._remember(
+            self._key(user_id, history), self.rank(user_id, TOP_DEPTH, None, history, True)
+        )
         return _cut(found, k, explain)
 
     def cached(
@@ -207,7 +206,7 @@ class BundleEngine:
         """The remembered list for this request, or None when it must be computed (no work done here)."""
         if profile is not None or k > TOP_DEPTH:
             return None
-        key = (None if user_id is None else str(user_id), tuple(str(h) for h in history or ()))
+        key = self._key(user_id, history)
         found = self._warm.get(key)
         if found is None:
             found = self._memo.get(key)
@@ -255,18 +254,18 @@ class BundleEngine:
         seen[extra] = True
         history_row = sp.csr_matrix(hist, dtype=np.float32)
         users = None if user is None else np.asarray([user])
-        new = (
-            extra[np.asarray(self.history[user, extra].todense()).ravel() == 0] if user is not None else extra
-        )
-        if user is not None and len(new):
-            text = self.profile_text(user, new)
-            prof = None if text is None else self.encode([text])[0]
         scores, gates, feats = self.scorer.score_rows(history_row, users, prof, attributes)
         row = scores[0].astype(np.float64)
         row[seen] = -np.inf
         k = min(int(k), int((~seen).sum()))
-        top = np.argpartition(-row, k - 1)[:k] if k > 0 else np.zeros(0, dtype=np.int64)
-        top = top[np.lexsort((top, -row[top]))]  # score descending, ties by index as offline
+        top = np.zeros(0, dtype=np.int64)
+        if k > 0:
+            # Every item scoring at least the k-th best, so equal scores at the cut are all candidates and
+            # the tie-break (lower index first) decides, as in a full sort: the top k is then a prefix of
+            # the top k + 1, which remembered lists rely on.
+            kth = np.partition(-row, k - 1)[k - 1]
+            candidates = np.flatnonzero(-row <= kth)
+            top = candidates[np.lexsort((candidates, -row[candidates]))][:k]
         notes = self._explain(history_row, user, attributes, gates[0], feats[0], top) if explain else None
         return [
             {
@@ -279,6 +278,20 @@ class BundleEngine:
         ]
 
     # --- helpers ----------------------------------------------------------------------------------
+    def _key(self, user_id: str | None, history: Sequence[str] | None) -> tuple[str | None, tuple[str, ...]]:
+        """What a remembered list depends on: the user if known, and the history items not already in
+        their training history (those change nothing), so a known user whose feedback a retrain already
+        absorbed hits the precomputed list. An unknown user's list depends on the history alone."""
+        user = self._user_index.get(str(user_id)) if user_id is not None else None
+        items = tuple(str(h) for h in history or ())
+        if user is None:
+            return None, items
+        if items:
+            trained = self.history.indices[self.history.indptr[user] : self.history.indptr[user + 1]]
+            known = {self._item_ids[i] for i in trained}
+            items = tuple(h for h in items if h not in known)
+        return str(user_id), items
+
     @staticmethod
     def _top(items: list[dict[str, Any]]) -> _Top:
         return [(i["item_id"], i["score"], i["explanation"]) for i in items]
@@ -339,26 +352,6 @@ class BundleEngine:
         if user is not None and channel.source in self.bank.user_attributes:
             return np.asarray(self.bank.user_attributes[channel.source][user].toarray()).ravel().astype(float)
         return None
-
-    def profile_text(self, user: int, extra: np.ndarray) -> str | None:
-        """A known user's profile text with ``extra`` items (feedback since training) as the most recent.
-
-        None for a bundle exported before ``users.parquet`` carried ``recent_items``/``n_history``: the
-        stored profile vector is used then.
-        """
-        if "recent_items" not in self.users.columns:
-            return None
-        from components.text.verbalise import DEFAULT_USER_TEMPLATE, user_text
-
-        row = self.users.iloc[user]
-        recent = [int(i) for i in row["recent_items"]]
-        new = [int(i) for i in extra if int(i) not in recent]
-        # Only the last n_recent entries are named and the length is n_history, so the older training
-        # items need not be known: placeholders stand for them (never named, as n_history >= n_recent).
-        older = [-1] * max(0, int(row["n_history"]) - len(recent))
-        n_recent = int(self.text_cfg.get("n_recent", 10))
-        template = self.text_cfg.get("user_template", DEFAULT_USER_TEMPLATE)
-        return user_text(row.to_dict(), older + recent + new, self._titles, n_recent, template)
 
     def _profile_vector(self, profile: dict[str, str]) -> np.ndarray:
         """Embed a cold user's profile text with the bundle's int8 encoder (remembered per profile)."""

@@ -369,25 +369,7 @@ def load_encoder_parts(paths: Paths, cfg: Config) -> EncoderParts:
     return EncoderParts(encoder, texts, reference, adapter is not None)
 
 
-def _users_table(paths: Paths, n_recent: int) -> pd.DataFrame:
-    """The processed users table plus what re-verbalising a user with new feedback needs.
-
-    ``recent_items``: the user's last ``n_recent`` training items (indices, oldest first), the ones their
-    profile text names; ``n_history``: their number of training items. The serving engine renders the
-    text again with feedback items as the most recent (components/bundle/engine.py).
-    """
-    from components.text.verbalise import histories
-
-    users = pd.read_parquet(paths.processed / "users.parquet")
-    train = pd.read_parquet(paths.split / "train.parquet", columns=["user", "item", "timestamp"])
-    history = histories(train)
-    ids = [int(u) for u in users["user"]]
-    users["recent_items"] = [np.asarray(history.get(u, [])[-n_recent:], dtype=np.int64) for u in ids]
-    users["n_history"] = np.asarray([len(history.get(u, [])) for u in ids], dtype=np.int64)
-    return users
-
-
-def _copy_tables(paths: Paths, dest: Path, item_text: np.ndarray, n_recent: int) -> None:
+def _copy_tables(paths: Paths, dest: Path, item_text: np.ndarray) -> None:
     from components.metapaths import report
     from components.text.verbalise import item_titles
 
@@ -401,7 +383,7 @@ def _copy_tables(paths: Paths, dest: Path, item_text: np.ndarray, n_recent: int)
         }
     )
     table.to_parquet(dest / "items.parquet", index=False)
-    _users_table(paths, n_recent).to_parquet(dest / "users.parquet", index=False)
+    pd.read_parquet(paths.processed / "users.parquet").to_parquet(dest / "users.parquet", index=False)
     shutil.copyfile(paths.metapaths / report.METAPATHS_FILE, dest / "metapaths.json")
     shutil.copytree(paths.graph, dest / "graph")
     # Items never to recommend again: everything before the test period (train + valid), the same
@@ -610,7 +592,7 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
 
     for filename in MODEL_FILES:
         shutil.copyfile(paths.model / filename, dest / filename)
-    _copy_tables(paths, dest, net.item_text.numpy(), cfg.text.n_recent)
+    _copy_tables(paths, dest, net.item_text.numpy())
 
     metrics: dict[str, Any] = {
         "warm": torch_metrics["test"],

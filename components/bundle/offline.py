@@ -86,7 +86,9 @@ def recommend(
         return _recommend_baseline(paths, k, out, user_ids, block_size)
     engine = workspace_engine(paths)
     _check_k(k, len(engine.item_ids))
-    feedback = feedback or {}
+    # Items the bundle cannot rank (the store may predate its catalogue) are dropped, as the server does.
+    feedback = {u: [i for i in items if i in engine.item_ids] for u, items in (feedback or {}).items()}
+    feedback = {u: items for u, items in feedback.items() if items}
     if user_ids is None:
         user_ids = engine.users.user_id.astype(str).tolist()
         user_ids += sorted(u for u in feedback if not engine.known_user(u))
@@ -97,8 +99,7 @@ def recommend(
     with atomic_file(out) as handle:
         handle.write("user_id,item_id,rank,score" + (",explanation\n" if explain else "\n"))
         for user in user_ids:
-            extra = [i for i in feedback.get(user, ()) if i in engine.item_ids]
-            for rec in engine.recommend(user, k, history=extra, explain=explain):
+            for rec in engine.recommend(user, k, history=feedback.get(user, []), explain=explain):
                 line = f"{user},{rec['item_id']},{rec['rank']},{rec['score']:.6g}"
                 handle.write(line + (f",{_csv_text(rec['explanation'])}\n" if explain else "\n"))
                 rows += 1

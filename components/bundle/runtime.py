@@ -163,7 +163,7 @@ class OnnxScorer:
         replaces their stored profile vectors."""
         history = sp.csr_matrix(history, dtype=np.float32)
         features = self.bank.rows(history, users, attributes)
-        if profile is not None:  # a cold user's, or a known user's text re-encoded with new history
+        if profile is not None:  # a cold user's (or a caller's own vectors for known users)
             prof = np.asarray(profile, np.float32).reshape(history.shape[0], -1)
         elif users is not None:
             prof = self.profile[users]

@@ -57,17 +57,24 @@ class Factors:
         sizes = [f.data.nbytes + f.indices.nbytes + f.indptr.nbytes for f in self.factors]
         return int(sum(sizes)) + sum(int(v.nbytes) for v in (self.row_scale, self.col_scale) if v is not None)
 
-    def apply(self, src: sp.spmatrix) -> np.ndarray:
-        """``src @ suffix`` as a dense float32 array."""
-        acc: Any = sp.csr_matrix(src, dtype=np.float32)
-        if self.row_scale is not None:
-            acc = acc.multiply(self.row_scale[None, :]).tocsr()
-        for factor in self.factors:
-            acc = acc @ factor
-        out = acc.toarray() if sp.issparse(acc) else np.asarray(acc)
+    def apply(self, src: sp.spmatrix, block: int = 1024) -> np.ndarray:
+        """``src @ suffix`` as a dense float32 array, ``block`` source rows at a time.
+
+        Blocks bound the sparse intermediates (their fill-in can exceed the dense output several times
+        over when the training loop applies a channel to every user at once).
+        """
+        rows = sp.csr_matrix(src, dtype=np.float32)
+        out = np.empty((rows.shape[0], self.shape[1]), dtype=np.float32)
+        for start in range(0, rows.shape[0], block):
+            acc: Any = rows[start : start + block]
+            if self.row_scale is not None:
+                acc = acc.multiply(self.row_scale[None, :]).tocsr()
+            for factor in self.factors:
+                acc = acc @ factor
+            out[start : start + block] = acc.toarray() if sp.issparse(acc) else np.asarray(acc)
         if self.col_scale is not None:
-            out = out * self.col_scale[None, :]
-        return np.asarray(out, dtype=np.float32)
+            out *= self.col_scale[None, :]
+        return out
 
     def dense(self) -> np.ndarray:
         """The whole suffix (tests and small graphs only)."""

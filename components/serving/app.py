@@ -473,14 +473,19 @@ def create_app(
         profile: dict[str, str] | None,
         history: list[str] | None,
         explain: bool,
+        remember: bool = True,
     ) -> Response:
-        """A remembered list on the event loop (a lookup); anything to compute on the thread pool."""
+        """A remembered list on the event loop (a lookup); anything to compute on the thread pool.
+
+        ``remember``: whether a computed list may be kept. Only histories from the feedback store are;
+        one a client posts is computed each time, so clients cannot fill the server's memory with lists.
+        """
         cached = getattr(engine, "cached", None)
         if cached is not None:
             found = cached(user_id, k, profile=profile, history=history, explain=explain)
             if found is not None:
                 return respond(engine, user_id, found)
-        return await run_in_threadpool(answer, engine, user_id, k, profile, history, explain)
+        return await run_in_threadpool(answer, engine, user_id, k, profile, history, explain, remember)
 
     def answer(
         engine: Engine,
@@ -489,9 +494,11 @@ def create_app(
         profile: dict[str, str] | None,
         history: list[str] | None,
         explain: bool,
+        remember: bool = True,
     ) -> Response:
+        rank = engine.recommend if remember else getattr(engine, "rank", engine.recommend)
         try:
-            items = engine.recommend(user_id, k, profile=profile, history=history, explain=explain)
+            items = rank(user_id, k, profile=profile, history=history, explain=explain)
         except KeyError as err:
             if user_id is not None and not engine.known_user(user_id):
                 raise HTTPException(status_code=404, detail=_unknown_user(user_id)) from err
@@ -511,6 +518,10 @@ def create_app(
         version = holder.version
         if version is None:
             return JSONResponse(status_code=503, content={"ready": False, "detail": "no model loaded yet"})
+        if follower is not None and not follower.synced:
+            # Lists would ignore every user's feedback (and repeat items they already clicked).
+            detail = "feedback store not read yet; lists would ignore users' feedback"
+            return JSONResponse(status_code=503, content={"ready": False, "detail": detail})
         return JSONResponse(content={"ready": True, "model_version": version, "warming": holder.warming})
 
     @app.get("/metrics", tags=["ops"])
@@ -561,7 +572,9 @@ def create_app(
         engine = current_engine()
         profile = {key: str(value) for key, value in body.profile.items()} if body.profile else None
         history = list(dict.fromkeys([*feedback_history(engine, body.user_id), *(body.history or [])]))
-        return await answer_async(engine, body.user_id, body.k, profile, history or None, body.explain)
+        return await answer_async(
+            engine, body.user_id, body.k, profile, history or None, body.explain, remember=not body.history
+        )
 
     @app.post(
         "/feedback",

@@ -108,6 +108,9 @@ class FeedbackFollower:
         self.overlay = overlay
         self.poll_seconds = poll_seconds
         self.failures = 0
+        #: Whether the store has been read once since start (the backlog is applied): until then lists
+        #: would ignore feedback, so ``/ready`` answers 503.
+        self.synced = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
@@ -125,10 +128,14 @@ class FeedbackFollower:
         if self._failing:
             log.info("feedback store readable again at seq %d", self.overlay.after_seq)
         self._failing = False
+        self.synced = True
         return read
 
     def start(self) -> None:
-        """Read the backlog now (so the first request already sees it), then follow in the background."""
+        """Read the backlog now (so the first request already sees it), then follow in the background.
+
+        A store that cannot be read now is retried on every poll; ``synced`` stays False until it is.
+        """
         if self._thread is not None and self._thread.is_alive():
             return
         start = time.perf_counter()

@@ -213,6 +213,9 @@ def test_factored_channels_equal_dense_ones_and_survive_save_load(weighting: str
     expected = dense.rows(train_matrix[users], users)
     for bank in (factored, loaded):
         np.testing.assert_allclose(bank.rows(train_matrix[users], users), expected, rtol=1e-5, atol=1e-6)
+    chain = loaded.channels[0].suffix
+    assert not isinstance(chain, np.ndarray)
+    np.testing.assert_array_equal(chain.apply(train_matrix, block=7), chain.apply(train_matrix))
     for c, path in enumerate(paths):
         suffix = loaded.channels[c].suffix
         assert not isinstance(suffix, np.ndarray)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from components.serving.feedback import FeedbackEvent, SQLiteFeedbackStore
@@ -115,13 +114,12 @@ def test_remembered_lists_equal_fresh_rankings(metarec_workspace: TrainedWorkspa
         assert engine.recommend(user, 3, history=history) == fresh
         assert engine.cached(user, 3, history=history) == fresh
         assert history[0] not in [r["item_id"] for r in fresh]
-    # The text profile of a user with feedback names the new item first among what they recently watched.
+    # Feedback on an item already in the user's training history changes nothing: the warm list serves.
     user = users[0]
-    item = engine.rank(user, 1)[0]["item_id"]
-    index = engine._item_index[item]
-    text = engine.profile_text(engine._user_index[user], np.asarray([index]))
-    assert text is not None and f"Recently watched: {engine._titles[index]}" in text, text
-    assert text != engine.profile_text(engine._user_index[user], np.asarray([], dtype=np.int64))
+    index = engine._user_index[user]
+    trained = engine._item_ids[int(engine.history[index].indices[0])]
+    assert engine.cached(user, 3, history=[trained]) == engine.cached(user, 3) == engine.rank(user, 3)
+    assert engine.rank(user, 3, history=[trained]) == engine.rank(user, 3)
     # A user known only from feedback, and the cases that are never remembered.
     assert engine.recommend("newcomer", 2, history=items[:1]) == engine.rank(None, 2, history=items[:1])
     assert engine.cached(users[0], TOP_DEPTH + 1) is None
@@ -130,3 +128,46 @@ def test_remembered_lists_equal_fresh_rankings(metarec_workspace: TrainedWorkspa
         engine.recommend("nobody", 3)
     with pytest.raises(ValueError, match="unknown item ids"):
         engine.recommend(users[0], 3, history=["no-such-item"])
+
+
+def test_ready_waits_for_the_first_feedback_read(tmp_path: Path) -> None:
+    """A worker that has not read the store yet would ignore everyone's feedback: /ready says 503."""
+    import httpx
+
+    from components.serving.app import create_app
+    from components.serving.auth import ApiKeyAuth
+    from components.serving.holder import ModelHolder
+    from tests.serving_support import FileVersionSource, thread_server
+
+    class Flaky:
+        """The store a follower reads: unreadable until ``up`` is set."""
+
+        up = False
+
+        def __init__(self, path: Path) -> None:
+            self.real = SQLiteFeedbackStore(path)
+
+        def read_since(self, after_seq: int = 0, limit: int = 10_000) -> list:
+            if not Flaky.up:
+                raise OSError("store down")
+            return self.real.read_since(after_seq, limit)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    source = FileVersionSource(tmp_path / "champion")
+    source.set_version("v1")
+    holder = ModelHolder(source, poll_seconds=0.05)
+    store = Flaky(tmp_path / "f.db")
+    follower = FeedbackFollower(store, FeedbackOverlay(), poll_seconds=0.05)  # type: ignore[arg-type]
+    app = create_app(holder, store, auth=ApiKeyAuth("k" * 16), follower=follower)  # type: ignore[arg-type]
+    with thread_server(app) as url:
+        assert holder.wait_ready(10)
+        answer = httpx.get(f"{url}/ready")
+        assert answer.status_code == 503 and "feedback store not read yet" in answer.json()["detail"]
+        Flaky.up = True
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert follower.synced and follower.failures >= 1
