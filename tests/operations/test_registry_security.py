@@ -71,7 +71,7 @@ def stub_engine(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """``components.bundle.engine.load_bundle`` recording the bundle directories it is given."""
     loaded: list[Path] = []
 
-    def load_bundle(path: Path, version: str, threads: int) -> Any:
+    def load_bundle(path: Path, version: str, threads: int, provider: str = "cpu") -> Any:
         loaded.append(Path(path))
         return types.SimpleNamespace(version=version)
 
