@@ -307,23 +307,24 @@ def recommend(
 
 def _feedback_histories(ws: Path) -> dict[str, tuple[str, ...]]:
     """User id -> feedback items in the store ``metarec serve`` would use for this workspace, read now."""
-    from components.core import secrets
+    from components.core.workspace import workspace_config
+    from components.drift.reference import feedback_url
     from components.serving.feedback import StoreUnavailableError, open_store
     from components.serving.online import overlay_from_store
 
-    settings = serve_settings(ws, {})
-    if not settings.online_feedback:
+    cfg = workspace_config(ws, missing_ok=True)
+    if not cfg.serve.online_feedback:
         console.print(
             "note: serve.online_feedback is false, so `metarec serve` ranks without feedback; "
             "these lists include it"
         )
-    url = secrets.feedback_url(settings.feedback_url)
+    url = feedback_url(ws, cfg)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return {}  # nothing served yet: no feedback (and no empty store created by a read)
     try:
         store = open_store(url)
         try:
-            return overlay_from_store(store, settings.online_event_types).histories()
+            return overlay_from_store(store, cfg.serve.online_event_types).histories()
         finally:
             store.close()
     except StoreUnavailableError as exc:

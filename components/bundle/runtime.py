@@ -159,16 +159,10 @@ class OnnxScorer:
         attributes: dict[str, sp.csr_matrix] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(scores, gates, features)`` of known ``users``' history rows, or of one cold user's (with
-        its ``profile`` vector and its profile's ``attributes``); a ``profile`` given with ``users``
-        replaces their stored profile vectors."""
+        its ``profile`` vector and its profile's ``attributes``)."""
         history = sp.csr_matrix(history, dtype=np.float32)
         features = self.bank.rows(history, users, attributes)
-        if profile is not None:  # a cold user's (or a caller's own vectors for known users)
-            prof = np.asarray(profile, np.float32).reshape(history.shape[0], -1)
-        elif users is not None:
-            prof = self.profile[users]
-        else:
-            raise ValueError("score_rows needs known users or a profile vector")
+        prof = self.profile[users] if users is not None else np.asarray(profile, np.float32).reshape(1, -1)
         scores, gates = self(history.toarray(), prof, features)
         return scores, gates, features
 
