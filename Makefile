@@ -68,9 +68,11 @@ ui: install
 clean:
 	rm -rf $(WS) $(WS)-replay .pytest_cache .mypy_cache .ruff_cache
 
-# The ablation table of docs/benchmarks.md (after `make demo`): fusion parts removed, baselines, warm + cold.
+# The ablation table of docs/benchmarks.md (after `make demo`): fusion parts removed, baselines, warm + cold;
+# `make ablate SEEDS=5`: every variant under 5 seeds (model training and cold-item draw), mean ± sd.
+SEEDS ?= 1
 ablate: install
-	$(BIN)/metarec ablate --workspace $(WS)
+	$(BIN)/metarec ablate --workspace $(WS) --seeds $(SEEDS)
 
 # Serving load test: the registry's champion served by `metarec serve`, 200 req/s, hot swap at 10 s.
 bench-serve: install

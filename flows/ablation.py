@@ -1,12 +1,13 @@
-"""The ``ablations`` flow: one task per variant (fusion parts removed, baselines), one MLflow run each."""
+"""The ``ablations`` flow: one task and one MLflow run per (variant, seed), then a summary run."""
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 
 from components import ablation
 from components.core import tracking
@@ -15,65 +16,70 @@ from components.core.workspace import Paths, workspace_config
 from components.model.facade import evaluate_variant
 
 
-def _flat_metrics(result: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for part in ("valid", "test", "cold", "mixed"):
-        for name, value in (result.get(part) or {}).items():
-            out[f"{part}.{tracking.metric_name(name)}"] = float(value)
-    for name, value in (result.get("cold_random") or {}).items():
-        out[f"cold.{tracking.metric_name(name)}"] = float(value)
-    out["fit_seconds"] = float(result["fit_seconds"])
-    return out
-
-
-@task(name="ablation-variant", task_run_name="{name}")
-def run_variant(workspace: str, name: str, experiment: str) -> dict[str, Any]:
-    """Fit and evaluate one variant inside its own MLflow run."""
+@task(name="ablation-variant", task_run_name="{name}-seed{seed}")
+def run_variant(workspace: str, name: str, seed: int, experiment: str) -> dict[str, Any]:
+    """Fit and evaluate one variant under one seed (a warm fit and a cold refit) in its own MLflow run."""
     import mlflow
 
     paths = Paths(Path(workspace))
-    base = workspace_config(paths.root)
-    variant = next(v for v in ablation.VARIANTS if v.name == name)
-    cfg = ablation.variant_config(base, variant)
+    variant = ablation.select([name])[0]
+    cfg = ablation.variant_config(workspace_config(paths.root), variant, seed)
     experiment_id = tracking.setup(paths.root, experiment, cfg.tracking.uri)
-    tags = {"metarec.variant": name, "metarec.model": cfg.model.name}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags):
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=ablation.run_name(name, seed),
+        tags=ablation.run_tags(variant, cfg),
+    ):
         tracking.log_config(cfg.flat())
-        mlflow.set_tags(
-            {"metarec.variant.note": variant.note, "metarec.text.frozen": str(variant.frozen_text)}
-        )
         result = evaluate_variant(paths, cfg, frozen=variant.frozen_text)
-        mlflow.log_metrics(_flat_metrics(result))
-    primary = cfg.eval.primary
-    get_run_logger().info("%s: test %s %.4f", name, primary, result["test"][primary])
-    return {"variant": name, **result}
+        mlflow.log_metrics(ablation.run_metrics(result))
+    return {"variant": name, "seed": seed, **result}
 
 
 @flow(name="ablations", log_prints=True)
-def ablations(workspace: str, variants: list[str] | None = None) -> dict[str, Any]:
-    """Run every ablation variant (or the named ones) and log a summary run with table and chart."""
+def ablations(
+    workspace: str,
+    variants: list[str] | None = None,
+    n_seeds: int = 1,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
+    """Run every ablation variant (or the named ones) over the seeds; log a summary run with table and chart.
+
+    ``seeds`` (explicit) or ``n_seeds`` (the workspace's ``seed`` and the next ones) choose the seeds;
+    the default is the workspace's seed alone.
+    """
     import mlflow
 
     paths = Paths(Path(workspace))
     cfg = workspace_config(paths.root)
     experiment = f"{cfg.tracking.experiment}-ablations"
-    names = variants or [v.name for v in ablation.VARIANTS]
-    unknown = sorted(set(names) - {v.name for v in ablation.VARIANTS})
-    if unknown:
-        raise ValueError(
-            f"unknown variants {unknown}; expected some of {[v.name for v in ablation.VARIANTS]}"
+    chosen = ablation.select(variants)
+    seed_list = ablation.seed_list(cfg.seed, n_seeds, seeds)
+    runs = ablation.plan(chosen, seed_list)
+    print(f"{len(runs)} runs: {len(chosen)} variant(s) × seeds {seed_list}")
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for name, seed in runs:
+        print(f"[{len(rows) + 1}/{len(runs)}] {name} seed {seed} ...")
+        rows.append(run_variant(workspace, name, seed, experiment))
+        print(
+            ablation.progress(
+                len(rows), len(runs), rows[-1], cfg.eval.ks, cfg.eval.primary, time.perf_counter() - start
+            )
         )
-    rows = [run_variant(workspace, name, experiment) for name in names]
-    text = ablation.table(rows, cfg.eval.ks)
+    text = ablation.report(rows, seed_list, cfg.eval.ks)
+    summary = ablation.summarise(rows)
     experiment_id = tracking.setup(paths.root, experiment, cfg.tracking.uri)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name="ablation-summary", tags={"metarec.variant": "summary"}
     ):
+        mlflow.log_params({"seeds": ",".join(map(str, seed_list)), "n_seeds": len(seed_list)})
+        mlflow.log_metrics(ablation.summary_metrics(rows, cfg.eval.ks))
         with tempfile.TemporaryDirectory() as tmp:
             ablation.chart(rows, Path(tmp) / "ablations.png", cfg.eval.ks)
             mlflow.log_artifact(str(Path(tmp) / "ablations.png"))
         mlflow.log_text(text, "ablations.md")
-        mlflow.log_dict({"rows": rows}, "ablations.json")
-    write_json(paths.root / "ablations.json", {"rows": rows})
+        mlflow.log_dict({"seeds": seed_list, "summary": summary, "rows": rows}, "ablations.json")
+    write_json(paths.root / "ablations.json", {"seeds": seed_list, "summary": summary, "rows": rows})
     (paths.root / "ablations.md").write_text(text + "\n", encoding="utf-8")
-    return {"rows": rows, "table": text}
+    return {"rows": rows, "summary": summary, "seeds": seed_list, "table": text}

@@ -207,14 +207,42 @@ def ablate(
     variant: Annotated[
         list[str] | None, typer.Option("--variant", help="Run only these variants (repeatable).")
     ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds",
+            min=1,
+            help="Run every variant under this many seeds: the workspace's seed and the next ones. "
+            "The seed sets the model's training and the cold-item draw; the table shows mean ± sd.",
+        ),
+    ] = 1,
+    seed: Annotated[
+        list[int] | None,
+        typer.Option("--seed", help="Run under exactly these seeds (repeatable; instead of --seeds)."),
+    ] = None,
 ) -> None:
-    """Fit and evaluate the ablation variants and baselines (needs a workspace after `metarec run`)."""
+    """Fit and evaluate the ablation variants and baselines (needs a workspace after `metarec run`).
+
+    Each (variant, seed): a warm fit, a cold-item refit, one MLflow run; a summary run holds mean ± sd.
+    """
+    from components import ablation
+
+    try:
+        ablation.select(variant)
+        ablation.seed_list(0, seeds, seed)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     _orchestrate()
     from flows.ablation import ablations
 
     ws = _workspace(workspace)
     try:
-        result = ablations(workspace=str(ws), variants=list(variant or []) or None)
+        result = ablations(
+            workspace=str(ws),
+            variants=list(variant or []) or None,
+            n_seeds=seeds,
+            seeds=list(seed or []) or None,
+        )
     except _known_errors() as exc:
         raise _fail(str(exc)) from None
     console.print(result["table"])

@@ -211,6 +211,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"{name}.log"
+        self.workers = workers
         self.cmd = [
             sys.executable,
             "-m",
@@ -251,17 +252,21 @@ class ServerProcess:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
+        # Each fresh connection may reach any worker: with several, one ready answer proves little, so
+        # wait for a run of them (every worker has loaded by then, short of a very unlucky draw).
+        needed, streak = (1 if self.workers == 1 else 10 * self.workers), 0
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}"
                 )
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return self
+                streak = streak + 1 if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200 else 0
             except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+                streak = 0
+            if streak >= needed:
+                return self
+            time.sleep(0.05 if streak == 0 else 0.01)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
 

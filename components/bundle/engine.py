@@ -35,8 +35,19 @@ MEMO_LIMIT = 20_000
 #: Distinct cold-user profiles whose embeddings are remembered.
 PROFILE_LIMIT = 4096
 
-# One remembered list: (item id, score, explanation) per rank, best first.
-_Top = list[tuple[str, float, str | None]]
+
+class TopList:
+    """One remembered list: (item id, score, explanation) per rank, best first.
+
+    ``encoded`` is a slot for the server's wire form of this list (components/serving/app.py fills it on
+    first use), so a repeated request re-encodes nothing; the engine never reads it.
+    """
+
+    __slots__ = ("entries", "encoded")
+
+    def __init__(self, entries: list[tuple[str, float, str | None]]) -> None:
+        self.entries = entries
+        self.encoded: Any = None
 
 
 def _coo_matrix(data: Any, prefix: str) -> sp.csr_matrix:
@@ -155,8 +166,8 @@ class BundleEngine:
         config = self.manifest.get("config", {})
         self.text_cfg = config.get("text", {})
         # Remembered lists: the precomputed known users' (never evicted) and the rest (bounded).
-        self._warm: dict[tuple[str | None, tuple[str, ...]], _Top] = {}
-        self._memo: dict[tuple[str | None, tuple[str, ...]], _Top] = {}
+        self._warm: dict[tuple[str | None, tuple[str, ...]], TopList] = {}
+        self._memo: dict[tuple[str | None, tuple[str, ...]], TopList] = {}
         self._memo_lock = threading.Lock()
         # Cold users' profile embeddings: demographics repeat, and one costs an encoder run.
         self._profiles: dict[tuple[tuple[str, str], ...], np.ndarray] = {}
@@ -204,13 +215,23 @@ class BundleEngine:
         explain: bool = True,
     ) -> list[dict[str, Any]] | None:
         """The remembered list for this request, or None when it must be computed (no work done here)."""
-        if profile is not None or k > TOP_DEPTH:
+        if profile is not None:
+            return None
+        found = self.cached_top(user_id, history, k)
+        return None if found is None else _cut(found, k, explain)
+
+    def cached_top(
+        self, user_id: str | None, history: Sequence[str] | None = None, k: int = TOP_DEPTH
+    ) -> TopList | None:
+        """The remembered list for (user, history) when it holds the top ``k``, else None (no work done).
+
+        Its first ``k`` entries are the answer for ``k``: a remembered list is the top :data:`TOP_DEPTH`.
+        """
+        if k > TOP_DEPTH:
             return None
         key = self._key(user_id, history)
         found = self._warm.get(key)
-        if found is None:
-            found = self._memo.get(key)
-        return None if found is None else _cut(found, k, explain)
+        return self._memo.get(key) if found is None else found
 
     def warm(self, limit: int | None = None) -> int:
         """Compute the lists of the first ``limit`` known users (all when None); returns how many.
@@ -293,10 +314,10 @@ class BundleEngine:
         return str(user_id), items
 
     @staticmethod
-    def _top(items: list[dict[str, Any]]) -> _Top:
-        return [(i["item_id"], i["score"], i["explanation"]) for i in items]
+    def _top(items: list[dict[str, Any]]) -> TopList:
+        return TopList([(i["item_id"], i["score"], i["explanation"]) for i in items])
 
-    def _remember(self, key: tuple[str | None, tuple[str, ...]], items: list[dict[str, Any]]) -> _Top:
+    def _remember(self, key: tuple[str | None, tuple[str, ...]], items: list[dict[str, Any]]) -> TopList:
         top = self._top(items)
         with self._memo_lock:
             if len(self._memo) >= MEMO_LIMIT:
@@ -368,15 +389,14 @@ class BundleEngine:
         return found
 
     def _encode_profile(self, profile: dict[str, str]) -> np.ndarray:
-        from components.text.verbalise import DEFAULT_USER_TEMPLATE, user_texts
+        from components.text.verbalise import DEFAULT_USER_TEMPLATE, user_text
 
-        row = {"user": 0, "user_id": "new", **{k: str(v) for k, v in profile.items()}}
         columns = ("age", "gender", "occupation", "zip_code")
-        frame = pd.DataFrame([{c: row.get(c, "") for c in ("user", "user_id", *columns)}])
-        empty = pd.DataFrame({"user": pd.Series([], dtype=int), "item": pd.Series([], dtype=int)})
-        empty["timestamp"] = pd.Series([], dtype=float)
+        row = {"user": 0, "user_id": "new", **{c: str(profile.get(c, "")) for c in columns}}
         template = self.text_cfg.get("user_template", DEFAULT_USER_TEMPLATE)
-        text = user_texts(frame, empty, self.items, int(self.text_cfg.get("n_recent", 10)), template)[0]
+        # The text of a user with no training history, as the encode stage renders (user_texts): no item
+        # titles are needed, and building the title map took most of a profile's cost.
+        text = user_text(row, [], {}, int(self.text_cfg.get("n_recent", 10)), template)
         return self.encode([text])[0]
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -389,10 +409,10 @@ class BundleEngine:
         return self._encoder.encode(texts)
 
 
-def _cut(top: _Top, k: int, explain: bool) -> list[dict[str, Any]]:
+def _cut(top: TopList, k: int, explain: bool) -> list[dict[str, Any]]:
     return [
         {"item_id": item, "rank": r, "score": score, "explanation": note if explain else None}
-        for r, (item, score, note) in enumerate(top[: max(0, int(k))], start=1)
+        for r, (item, score, note) in enumerate(top.entries[: max(0, int(k))], start=1)
     ]
 
 

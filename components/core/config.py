@@ -322,8 +322,13 @@ class MetarecConfig(_Strict):
     # content learn to rank alone (DropoutNet's idea); 0 disables it.
     item_dropout: float = Field(default=0.2, ge=0, lt=1)
     batch_users: int = Field(default=128, gt=0)
-    # Ablation switches; the ablation runs flip them one at a time.
-    use_paths: bool = True
+    # Ablation switches (components/ablation.py flips them one at a time, so each part of the fusion is
+    # measured alone). The channels are the mined metapaths, the ``content_paths`` KG content paths
+    # (0 removes them), popularity and EASE (``ease_l2: null`` removes it); ``use_paths`` drops every
+    # channel at once. Fine-tuning's switch is ``text.finetune.enabled`` (the encode stage's).
+    use_mined_paths: bool = True  # the mining stage's selection as channels (content paths stay)
+    use_popularity: bool = True  # the item-popularity channel
+    use_paths: bool = True  # every channel: mined and content paths, popularity, EASE
     use_text: bool = True
     use_ids: bool = True
 

@@ -11,20 +11,25 @@ import scipy.sparse as sp
 
 from components.data.kg import INTERACTED, HeteroGraph
 from components.metapaths.schema import Metapath, parse
-from components.model.features import DENSE_BUDGET_BYTES, build_bank
+from components.model.features import DENSE_BUDGET_BYTES, FeatureBank, build_bank
 from components.model.loop import FusionInputs, temporal_holdout
 
 
-def model_paths(report: dict[str, Any], schema: nx.MultiDiGraph, content_paths: int) -> list[Metapath]:
+def model_paths(
+    report: dict[str, Any], schema: nx.MultiDiGraph, content_paths: int, mined: bool = True
+) -> list[Metapath]:
     """The mined selection (length ≥ 2) plus the best ``content_paths`` item–entity–item paths.
 
     Mining selects on warm validation users, where collaborative paths win; content paths
     (``user–item–X–item`` through KG entities or item attributes) are what reaches a cold item, so the
     best of them by individual validation NDCG join as channels whatever the selection did.
+    ``mined=False`` leaves the selection out and keeps the same content paths (the ablation's
+    "without mined metapaths").
     """
-    chosen = [parse(s["id"], schema) for s in report["selected"]]
-    chosen = [p for p in chosen if p.length >= 2]
-    seen = {p.id for p in chosen}
+    selected = [parse(s["id"], schema) for s in report["selected"]]
+    selected = [p for p in selected if p.length >= 2]
+    seen = {p.id for p in selected}
+    chosen = selected if mined else []
     content = [
         c
         for c in report["candidates"]
@@ -52,22 +57,33 @@ def assemble(
     holdout: float,
     age_buckets: list[int] | None = None,
     dense_budget_bytes: int = DENSE_BUDGET_BYTES,
+    popularity: bool = True,
 ) -> FusionInputs:
     """Build :class:`FusionInputs`: the temporal holdout cut and a feature bank for each side."""
     n_users, n_items = train_matrix.shape
     history, targets = temporal_holdout(train, n_users, n_items, holdout)
+
+    def bank(interactions: sp.csr_matrix) -> FeatureBank:
+        return build_bank(
+            graph,
+            interactions,
+            paths,
+            weighting,
+            damping,
+            ease_l2,
+            age_buckets,
+            dense_budget_bytes,
+            popularity=popularity,
+        )
+
     return FusionInputs(
         item_text=np.asarray(item_text, dtype=np.float32),
         profile=np.asarray(profile, dtype=np.float32),
         history=history,
         targets=targets,
-        fit_bank=build_bank(
-            graph, history, paths, weighting, damping, ease_l2, age_buckets, dense_budget_bytes
-        ),
+        fit_bank=bank(history),
         eval_history=train_matrix,
-        eval_bank=build_bank(
-            graph, train_matrix, paths, weighting, damping, ease_l2, age_buckets, dense_budget_bytes
-        ),
+        eval_bank=bank(train_matrix),
         valid=valid_matrix,
         warm=np.asarray(train_matrix.sum(axis=0)).ravel() > 0,
     )

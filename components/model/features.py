@@ -328,6 +328,7 @@ def build_bank(
     ease_l2: float | None,
     age_buckets: list[int] | None = None,
     dense_budget_bytes: int = DENSE_BUDGET_BYTES,
+    popularity: bool = True,
 ) -> FeatureBank:
     """Channels for ``paths`` on ``graph`` with ``train`` as its interactions, plus popularity/EASE.
 
@@ -341,6 +342,10 @@ def build_bank(
         age_buckets: The graph's age bucket edges (``kg.age_buckets``), for cold users' raw ages.
         dense_budget_bytes: A metapath channel whose dense suffix would take more than this is kept as
             its sparse chain (:class:`Factors`); at or below it, dense (faster to apply).
+        popularity: Whether to add the item-popularity channel.
+
+    The bank may have no channel at all (no paths, no popularity, no EASE): the scorer then has
+    text and ID terms only.
     """
     from components.data.kg import with_interactions
 
@@ -362,7 +367,8 @@ def build_bank(
         dense = n_source * n_items * 4 <= dense_budget_bytes
         suffix = suffix_matrix(counter, path) if dense else suffix_factors(counter, path)
         channels.append(Channel(path.label or path.id, source, suffix, "metapath", path.id))
-    channels.append(Channel("popularity", CONSTANT, popularity_row(train), "popularity"))
+    if popularity:
+        channels.append(Channel("popularity", CONSTANT, popularity_row(train), "popularity"))
     if ease_l2 is not None:
         channels.append(Channel("ease", HISTORY, ease_matrix(train, ease_l2), "ease"))
     return FeatureBank(channels, n_items, attributes, values, fields, list(age_buckets or []))

@@ -90,7 +90,7 @@ def fit(
     age_buckets: list[int] | None = None,
 ) -> tuple[MetarecRecommender, dict[str, Any]]:
     """Train the fusion model on ``data``; return it (scoring with the whole training part) and a summary."""
-    paths = model_paths(data.report, data.graph.schema, mcfg.content_paths)
+    paths = model_paths(data.report, data.graph.schema, mcfg.content_paths, mcfg.use_mined_paths)
     inputs = assemble(
         data.graph,
         data.train,
@@ -105,6 +105,7 @@ def fit(
         mcfg.holdout,
         age_buckets,
         int(mcfg.dense_suffix_mb * (1 << 20)),
+        popularity=mcfg.use_popularity,
     )
     net, summary = train(inputs, TrainConfig.from_section(mcfg, seed, eval_metric), on_epoch)
     summary["channels"] = inputs.eval_bank.names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -332,6 +333,83 @@ class ObserveMiddleware:
         return path if isinstance(path, str) else "<unmatched>"
 
 
+# How pydantic (and so FastAPI's Query) reads a bool from a query string.
+_BOOLS = {
+    b"1": True, b"on": True, b"t": True, b"true": True, b"y": True, b"yes": True,
+    b"0": False, b"off": False, b"f": False, b"false": False, b"n": False, b"no": False,
+}  # fmt: skip
+#: Remembered-list lookup for the shortcut: (user id, k, explain) -> the response body, or None.
+Lookup = Callable[[str, int, bool], bytes | None]
+
+
+class RememberedLists:
+    """Pure ASGI shortcut for the hottest request, ``GET /recommendations/{user_id}`` of a remembered list.
+
+    Such a request is a dictionary lookup, yet FastAPI's parameter solving and pydantic's response model
+    cost several times that. This layer answers it with the list's cached JSON. Everything else, any
+    parameter it does not read exactly as FastAPI would (percent-encoded, repeated, unknown, out of range),
+    and every miss pass through to the app, which validates, computes and answers errors as documented;
+    the body is the same either way (tests/serving/test_serving_api.py compares them).
+    """
+
+    PREFIX = "/recommendations/"
+
+    def __init__(self, app: ASGIApp, lookup: Lookup, route: Any) -> None:
+        """Wrap ``app``; ``route`` is the app's route for this path (metrics label requests by it)."""
+        self.app = app
+        self.lookup = lookup
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a remembered list, else hand the request on."""
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith(self.PREFIX):
+            body = self._remembered(scope)
+            if body is not None:
+                scope["route"] = self.route
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body)),
+                    (b"x-metarec-list", b"remembered"),  # for operators: this answer was a lookup
+                ]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def _remembered(self, scope: Scope) -> bytes | None:
+        user_id: str = scope["path"][len(self.PREFIX) :]
+        if not user_id or len(user_id) > 128 or "/" in user_id:
+            return None
+        k, explain, seen = 10, True, set()
+        query: bytes = scope.get("query_string", b"")
+        for part in query.split(b"&") if query else ():
+            name, _, value = part.partition(b"=")
+            if name in seen:
+                return None
+            seen.add(name)
+            if name == b"k" and value.isdigit() and 1 <= int(value) <= MAX_K:
+                k = int(value)
+            elif name == b"explain" and value.lower() in _BOOLS:
+                explain = _BOOLS[value.lower()]
+            else:
+                return None
+        return self.lookup(user_id, k, explain)
+
+
+def _item_json(entries: list[tuple[str, float, str | None]], explain: bool) -> list[bytes]:
+    """Each item of a remembered list as ``RecommendedItem`` JSON (rank = position), for joining."""
+    out = []
+    for rank, (item, score, note) in enumerate(entries, start=1):
+        value = {
+            "item_id": item,
+            "rank": rank,
+            "score": score if math.isfinite(score) else None,  # as pydantic writes inf/nan
+            "explanation": note if explain else None,
+        }
+        out.append(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    return out
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -420,12 +498,6 @@ def create_app(
     app.state.holder = holder
     app.state.store = store
     app.state.metrics = metrics
-    app.add_middleware(
-        ObserveMiddleware,
-        metrics=metrics,
-        max_body_bytes=settings.max_body_bytes,
-        routes=app.router.routes,
-    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_failed(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -615,4 +687,36 @@ def create_app(
         metrics.feedback.labels(result="duplicate").inc(duplicates)
         return FeedbackResult(inserted=inserted, duplicates=duplicates)
 
+    def remembered(user_id: str, k: int, explain: bool) -> bytes | None:
+        """``recommend_known``'s body when the engine remembers the list; None for anything else."""
+        engine = holder.engine
+        cached_top = getattr(engine, "cached_top", None)
+        if engine is None or cached_top is None:
+            return None
+        extra = feedback_history(engine, user_id)
+        if not extra and not engine.known_user(user_id):
+            return None
+        top = cached_top(user_id, extra or None, k)
+        if top is None:
+            return None
+        if top.encoded is None:
+            # Once per list; two threads racing here compute the same value.
+            top.encoded = (_item_json(top.entries, True), _item_json(top.entries, False))
+        items = b",".join(top.encoded[0 if explain else 1][:k])
+        head = json.dumps(
+            {"user_id": user_id, "model_version": engine.version}, ensure_ascii=False, separators=(",", ":")
+        )
+        return b'%s,"request_id":"%s","items":[%s]}' % (head[:-1].encode(), uuid.uuid4().hex.encode(), items)
+
+    # Innermost first: the shortcut sits inside ObserveMiddleware, so its answers are measured too. With
+    # keys required for reads, every read goes through the app's auth dependency instead.
+    if not auth.require_key_for_reads:
+        route = next(r for r in app.router.routes if getattr(r, "path", None) == "/recommendations/{user_id}")
+        app.add_middleware(RememberedLists, lookup=remembered, route=route)
+    app.add_middleware(
+        ObserveMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        routes=app.router.routes,
+    )
     return app

@@ -20,6 +20,7 @@ from components.metapaths.mining import normalise_rows
 from components.metapaths.schema import Metapath, parse
 from components.model.data import assemble, model_paths
 from components.model.features import FeatureBank, build_bank
+from components.model.fit import FitData, fit
 from components.model.loop import FusionInputs, TrainConfig, temporal_holdout, train, validation_metrics
 from components.model.net import FusionNet
 from components.model.recommender import MetarecRecommender
@@ -483,3 +484,64 @@ def test_model_paths_adds_best_content_paths() -> None:
     assert [p.id for p in chosen] == [CF, PREQUEL, GENRE, "interacted|item.prequel|item.prequel"]
     assert [p.id for p in model_paths(report, schema, 0)] == [CF, PREQUEL]
     assert len(model_paths(report, schema, 10)) == 5
+    # Without the mined selection the same content paths stay (not ones the selection held).
+    without = model_paths(report, schema, content_paths=2, mined=False)
+    assert [p.id for p in without] == [GENRE, "interacted|item.prequel|item.prequel"]
+    assert model_paths(report, schema, 0, mined=False) == []
+
+
+# ---------------------------------------------------------------- ablation switches
+
+
+def _fit_data(seed: int = 0) -> FitData:
+    """The random dataset as the stage outputs ``fit`` reads, with CF and OCCUPATION mined, GENRE content."""
+    rng = np.random.default_rng(seed)
+    graph = make_graph(N_USERS, random_genres(N_ITEMS, rng), rng)
+    pool = np.arange(1, N_ITEMS)
+    frame = interactions([rng.choice(pool, size=14, replace=False) for _ in range(N_USERS)], 8, rng)
+    train_df, valid_df = split_last(frame, 2)
+    shape = (N_USERS, N_ITEMS)
+
+    def candidate(path_id: str, ndcg: float) -> dict:
+        return {"id": path_id, "length": len(path_id.split("|")), "ndcg@10": ndcg, "pair_coverage": 0.5}
+
+    report = {
+        "selected": [{"id": CF}, {"id": OCCUPATION}],
+        "candidates": [candidate(CF, 0.3), candidate(OCCUPATION, 0.2), candidate(GENRE, 0.1)],
+    }
+    return FitData(
+        graph=graph,
+        train=train_df,
+        train_matrix=binary_matrix(train_df.user.to_numpy(), train_df.item.to_numpy(), shape),
+        valid_matrix=binary_matrix(valid_df.user.to_numpy(), valid_df.item.to_numpy(), shape),
+        report=report,
+        item_text=unit_rows(N_ITEMS, TEXT_DIM, rng),
+        profile=unit_rows(N_USERS, TEXT_DIM, rng),
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, [CF, OCCUPATION, GENRE, "popularity", "ease"]),
+        ({"use_mined_paths": False}, [GENRE, "popularity", "ease"]),
+        ({"content_paths": 0}, [CF, OCCUPATION, "popularity", "ease"]),
+        ({"use_popularity": False}, [CF, OCCUPATION, GENRE, "ease"]),
+        ({"ease_l2": None}, [CF, OCCUPATION, GENRE, "popularity"]),
+        # Every channel removed one by one: an empty bank, the scorer has text and ID terms only.
+        ({"use_mined_paths": False, "content_paths": 0, "use_popularity": False, "ease_l2": None}, []),
+    ],
+)
+def test_ablation_switches_remove_one_kind_of_channel(changes: dict, expected: list[str]) -> None:
+    """Each switch of ``model.metarec`` removes its channels alone; the model still fits and scores."""
+    data = _fit_data()
+    small = {"epochs": 2, "patience": 100, "rank": 8, "batch_users": 32, "holdout": 0.25, "content_paths": 1}
+    mcfg = MetarecConfig(**{**small, **changes})
+    model, summary = fit(data, mcfg, "pathsim", 0.5, 0, eval_metric="ndcg@10")
+    assert [c.metapath_id or c.kind for c in model.bank.channels] == expected
+    assert model.net.cfg.n_channels == len(expected) == len(summary["channels"])
+    scores = model.score(np.arange(N_USERS))
+    assert scores.shape == (N_USERS, N_ITEMS) and np.isfinite(scores).all()
+    # A cold refit (the ablation's cold protocol) works with the same switches.
+    cold, _ = fit(data.without_items(np.array([1, 2, 3])), mcfg, "pathsim", 0.5, 0, eval_metric="ndcg@10")
+    assert np.isfinite(cold.score(np.arange(N_USERS))).all()

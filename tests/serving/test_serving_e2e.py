@@ -105,6 +105,32 @@ def test_served_lists_equal_offline_recommend(server: str, workspace: Path, tmp_
         assert any(item["explanation"] for item in body["items"]), "no metapath explanation at all"
 
 
+def test_remembered_list_shortcut_answers_as_the_app_does(server: str) -> None:
+    """The shortcut for remembered lists (components.serving.app.RememberedLists) and the full app agree.
+
+    ``k=%33`` is ``k=3`` to FastAPI but not to the shortcut, which leaves what it does not read exactly
+    to the app: the same request answered both ways must carry the same list, scores and explanations.
+    """
+    for user in ("u1", "u2", "u3"):
+        for explain in ("", "&explain=false", "&explain=1"):
+            quick = httpx.get(f"{server}/recommendations/{user}?k=3{explain}")
+            full = httpx.get(f"{server}/recommendations/{user}?k=%33{explain}")
+            assert quick.status_code == full.status_code == 200, (quick.text, full.text)
+            assert quick.headers["content-type"] == full.headers["content-type"] == "application/json"
+            assert quick.headers["x-metarec-list"] == "remembered" and "x-metarec-list" not in full.headers
+            a, b = quick.json(), full.json()
+            assert a.pop("request_id") != b.pop("request_id")
+            assert a == b and len(a["items"]) == 3
+            assert all((i["explanation"] is None) == (explain == "&explain=false") for i in a["items"])
+    # What the shortcut leaves to the app still gets the app's answers.
+    assert httpx.get(f"{server}/recommendations/u1?k=0").status_code == 422
+    assert httpx.get(f"{server}/recommendations/u1?k=10&k=3").status_code == 200
+    assert httpx.get(f"{server}/recommendations/nobody?k=10").status_code == 404
+    # Its answers are counted under the route's template, like the app's.
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'route="/recommendations/{user_id}",status="200"' in metrics
+
+
 def test_cold_user_and_validation(server: str) -> None:
     """A profile-only user gets finite, repeatable scores; unknown users 404; k out of range 422."""
     payload = {"profile": {"age": "30", "gender": "F", "occupation": "writer"}, "k": 3}
