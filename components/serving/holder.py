@@ -182,13 +182,14 @@ class ModelHolder:
 def _no_collection_pauses() -> Iterator[None]:
     """Load and warm a model without stopping the requests for the garbage collector.
 
-    Loading allocates hundreds of thousands of long-lived objects, which set off full collections: each
-    holds the GIL for 50-110 ms (measured on the ml-100k bundle), a pause every request in flight waits
-    out. So collection is off while loading, and afterwards everything that survived is frozen out of
-    later collections (``gc.freeze``): those objects live until the next swap, and serving itself
-    allocates almost nothing that outlives a request. The cost is that reference cycles in a replaced engine
-    are never collected: for the bundle engine, a few hundred small objects (its metapath schema graph)
-    per swap, however many lists it served (tests/serving/test_online_feedback.py checks).
+    Loading allocates hundreds of thousands of long-lived objects, which set off collections, each
+    holding the GIL while requests wait (one ml-100k promotion: 35 collections, up to 3.8 ms; a full
+    collection in a started process: 77-200 ms). So collection is off while loading, and afterwards
+    everything that survived is frozen out of later collections (``gc.freeze``): those objects live until
+    the next swap, and serving itself allocates almost nothing that outlives a request. The cost is that
+    reference cycles in a replaced engine are never collected: for the bundle engine, a few hundred small
+    objects (its metapath schema graph) per swap, however many lists it served
+    (tests/serving/test_online_feedback.py checks).
     """
     enabled = gc.isenabled()
     gc.disable()
