@@ -82,4 +82,4 @@ def ablations(
         mlflow.log_dict({"seeds": seed_list, "summary": summary, "rows": rows}, "ablations.json")
     write_json(paths.root / "ablations.json", {"seeds": seed_list, "summary": summary, "rows": rows})
     (paths.root / "ablations.md").write_text(text + "\n", encoding="utf-8")
-    return {"rows": rows, "summary": summary, "seeds": seed_list, "table": text}
+    return {"rows": rows, "summary": summary, "seeds": seed_list, "table": text, "experiment": experiment}

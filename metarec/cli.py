@@ -246,7 +246,7 @@ def ablate(
     except _known_errors() as exc:
         raise _fail(str(exc)) from None
     console.print(result["table"])
-    console.print(f"written to {ws / 'ablations.md'}; MLflow experiment <experiment>-ablations")
+    console.print(f"written to {ws / 'ablations.md'}; MLflow experiment {result['experiment']!r}")
 
 
 @app.command()

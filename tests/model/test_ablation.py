@@ -244,7 +244,7 @@ def test_flow_wires_seeds_runs_and_summary(
 
     monkeypatch.setattr(flow_module, "evaluate_variant", fake)
     result = flow_module.ablations(workspace=str(ws), variants=["metarec-frozen-text", "pop"], n_seeds=2)
-    assert result["seeds"] == [42, 43]
+    assert result["seeds"] == [42, 43] and result["experiment"] == "metarec-ablations"
     assert calls == [("metarec", 42, True), ("pop", 42, False), ("metarec", 43, True), ("pop", 43, False)]
     assert "| metarec-frozen-text | 2 | 0.1050 ± 0.0071 |" in result["table"]
     assert (ws / "ablations.md").read_text(encoding="utf-8") == result["table"] + "\n"
