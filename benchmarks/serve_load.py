@@ -187,6 +187,7 @@ class Connection:
         self.head = "".join(
             f"{name}: {value}\r\n" for name, value in {"Host": f"{host}:{port}", **headers}.items()
         )
+        self.answered = False  # the current request's response head has arrived
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -198,14 +199,15 @@ class Connection:
             self.close()  # the server closed it while idle (uvicorn: after 5 s); pools reconnect too
         for attempt in (1, 2):
             reused = self.writer is not None
+            self.answered = False
             try:
                 return await asyncio.wait_for(self._exchange(method, path, payload or b""), TIMEOUT_SECONDS)
             except asyncio.IncompleteReadError as err:
                 self.close()
-                if not (reused and attempt == 1 and not err.partial):
+                if not (reused and attempt == 1 and not err.partial and not self.answered):
                     return 0, ""
                 # Closed by the server just as we reused it, before any answer: once more, as pools do.
-            except (OSError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            except Exception:  # refused, reset, timed out, malformed or without Content-Length: an error
                 self.close()
                 return 0, ""
         return 0, ""
@@ -217,6 +219,7 @@ class Connection:
         length = f"Content-Length: {len(payload)}\r\n" if payload else ""
         self.writer.write(f"{method} {path} HTTP/1.1\r\n{self.head}{length}\r\n".encode() + payload)
         head = await self.reader.readuntil(b"\r\n\r\n")
+        self.answered = True  # a cut-off body after this is an error, never retried
         status = int(head.split(b" ", 2)[1])
         fields = dict(line.split(b":", 1) for line in head.lower().split(b"\r\n")[1:] if b":" in line)
         body = await self.reader.readexactly(int(fields[b"content-length"]))
@@ -277,6 +280,12 @@ async def _open_loop(
         tasks.append(asyncio.ensure_future(one(n, due)))
         n += 1
     await asyncio.wait(tasks, timeout=30)
+    # A request still waiting 30 s after the last was due is an error, not a sample left out.
+    late = time.perf_counter()
+    for index, task in enumerate(tasks):
+        if not task.done():
+            task.cancel()
+            samples.append(Sample(start + index / args.rate, late, late, 0, ""))
     while not pool.empty():
         pool.get_nowait().close()
     measured_from = start + args.warmup

@@ -387,7 +387,8 @@ class RememberedLists:
             if name in seen:
                 return None
             seen.add(name)
-            if name == b"k" and value.isdigit() and 1 <= int(value) <= MAX_K:
+            # At most 4 digits (MAX_K is 1000): int() of a 5000-digit value raises; FastAPI answers 422.
+            if name == b"k" and len(value) <= 4 and value.isdigit() and 1 <= int(value) <= MAX_K:
                 k = int(value)
             elif name == b"explain" and value.lower() in _BOOLS:
                 explain = _BOOLS[value.lower()]

@@ -124,6 +124,7 @@ def test_remembered_list_shortcut_answers_as_the_app_does(server: str) -> None:
             assert all((i["explanation"] is None) == (explain == "&explain=false") for i in a["items"])
     # What the shortcut leaves to the app still gets the app's answers.
     assert httpx.get(f"{server}/recommendations/u1?k=0").status_code == 422
+    assert httpx.get(f"{server}/recommendations/u1?k={'9' * 5000}").status_code == 422  # int() limit
     assert httpx.get(f"{server}/recommendations/u1?k=10&k=3").status_code == 200
     assert httpx.get(f"{server}/recommendations/nobody?k=10").status_code == 404
     # Its answers are counted under the route's template, like the app's.
