@@ -349,7 +349,7 @@ class RememberedLists:
     cost several times that. This layer answers it with the list's cached JSON. Everything else, any
     parameter it does not read exactly as FastAPI would (percent-encoded, repeated, unknown, out of range),
     and every miss pass through to the app, which validates, computes and answers errors as documented;
-    the body is the same either way (tests/serving/test_serving_api.py compares them).
+    the body is the same either way (tests/serving/test_serving_e2e.py compares them).
     """
 
     PREFIX = "/recommendations/"
@@ -399,16 +399,12 @@ class RememberedLists:
 
 def _item_json(entries: list[tuple[str, float, str | None]], explain: bool) -> list[bytes]:
     """Each item of a remembered list as ``RecommendedItem`` JSON (rank = position), for joining."""
-    out = []
-    for rank, (item, score, note) in enumerate(entries, start=1):
-        value = {
-            "item_id": item,
-            "rank": rank,
-            "score": score if math.isfinite(score) else None,  # as pydantic writes inf/nan
-            "explanation": note if explain else None,
-        }
-        out.append(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-    return out
+    return [
+        RecommendedItem(item_id=item, rank=rank, score=score, explanation=note if explain else None)
+        .model_dump_json()
+        .encode()
+        for rank, (item, score, note) in enumerate(entries, start=1)
+    ]
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -528,6 +524,12 @@ def create_app(
         items = engine.item_ids
         return [i for i in overlay.history(user_id) if i in items]
 
+    def known_history(engine: Engine, user_id: str) -> list[str] | None:
+        """The feedback items a ``GET`` for this user ranks with, or None when the user is unknown to both
+        the model and the feedback store (a 404)."""
+        extra = feedback_history(engine, user_id)
+        return None if not extra and not engine.known_user(user_id) else extra
+
     def respond(engine: Engine, user_id: str | None, items: list[Any]) -> Response:
         body = RecommendationResponse(
             user_id=user_id,
@@ -625,8 +627,8 @@ def create_app(
         """
         # Read the engine once: a swap during this request must not mix two models in one answer.
         engine = current_engine()
-        extra = feedback_history(engine, user_id)
-        if not extra and not engine.known_user(user_id):
+        extra = known_history(engine, user_id)
+        if extra is None:
             raise HTTPException(status_code=404, detail=_unknown_user(user_id))
         return await answer_async(engine, user_id, k, None, extra or None, explain)
 
@@ -694,8 +696,8 @@ def create_app(
         cached_top = getattr(engine, "cached_top", None)
         if engine is None or cached_top is None:
             return None
-        extra = feedback_history(engine, user_id)
-        if not extra and not engine.known_user(user_id):
+        extra = known_history(engine, user_id)
+        if extra is None:
             return None
         top = cached_top(user_id, extra or None, k)
         if top is None:

@@ -114,7 +114,7 @@ class ModelHolder:
             if failed_at is not None and time.monotonic() - failed_at < self.retry_seconds:
                 return False
             log.info("champion moved to %s; loading it in the background", wanted)
-            with _no_collection_pauses() as loaded:
+            with _collection_off():
                 start = time.perf_counter()
                 try:
                     engine = self.source.load(wanted)
@@ -123,7 +123,6 @@ class ModelHolder:
                     self.load_failures += 1
                     log.exception("loading model version %s failed; keeping %s", wanted, self.version)
                     return False
-                loaded.append(True)
                 self._failed.pop(wanted, None)
                 log.info("loaded model version %s in %.2fs", wanted, time.perf_counter() - start)
                 if self._engine is None:
@@ -134,6 +133,8 @@ class ModelHolder:
                     # The old engine answers until the new one is warm, so a swap brings no burst of misses.
                     self._warm(engine, wanted)
                     self.set_engine(engine)
+                # Out of later collections: what survived the load lives until the next swap.
+                gc.freeze()
                 return True
 
     def _warm(self, engine: Engine, version: str) -> None:
@@ -180,27 +181,24 @@ class ModelHolder:
 
 
 @contextmanager
-def _no_collection_pauses() -> Iterator[list[bool]]:
+def _collection_off() -> Iterator[None]:
     """Load and warm a model without stopping the requests for the garbage collector.
 
     Loading allocates hundreds of thousands of long-lived objects, which set off collections, each
     holding the GIL while requests wait (one ml-100k promotion: 35 collections, up to 3.8 ms; a full
-    collection in a started process: 77-200 ms). So collection is off while loading. When the caller
-    marks the load a success (appends to the yielded list), everything that survived is frozen out of
-    later collections (``gc.freeze``): those objects live until the next swap, and serving itself
-    allocates almost nothing that outlives a request. The cost: reference cycles made during that load
-    (by any thread) and those in a replaced engine are never collected. For the bundle engine the latter
-    are a few hundred small objects (its metapath schema graph) per swap, however many lists it served
+    collection in a started process: 77-200 ms). So collection is off while loading, and after a
+    successful load :meth:`ModelHolder.refresh` freezes everything that survived out of later collections
+    (``gc.freeze``): those objects live until the next swap, and serving itself allocates almost nothing
+    that outlives a request. The cost: reference cycles made during that load (by any thread) and those
+    in a replaced engine are never collected. For the bundle engine the latter are a few hundred small
+    objects (its metapath schema graph) per swap, however many lists it served
     (tests/serving/test_online_feedback.py checks). A failed load freezes nothing, so retries of a
     broken version cannot accumulate frozen garbage.
     """
     enabled = gc.isenabled()
     gc.disable()
-    succeeded: list[bool] = []
     try:
-        yield succeeded
+        yield
     finally:
-        if succeeded:
-            gc.freeze()
         if enabled:
             gc.enable()
