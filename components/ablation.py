@@ -8,8 +8,10 @@ experiment ``<tracking.experiment>-ablations``, and a summary run holds the tabl
 seeds per variant) and plot.
 
 The fusion's parts, each removed alone: the mined metapaths, the KG content paths, the popularity
-channel, the EASE channel (together: every channel), the text terms, the item-ID factors and the
-encoder's fine-tuning; plus the baselines, EASE alone among them.
+channel, the EASE channel (together: every channel), the text terms, the item-ID factors, the
+item-metadata bias and the encoder's fine-tuning; the options that validation left off (channel
+weights chosen by the language model, alone or with the learned ones; cold items' ID factors from
+text); plus the baselines, EASE alone among them.
 """
 
 from __future__ import annotations
@@ -62,6 +64,30 @@ VARIANTS = (
     Variant("metarec-no-text", "metarec", {"use_text": False}, note="without text terms"),
     Variant("metarec-no-ids", "metarec", {"use_ids": False}, note="without item-ID factors"),
     Variant("metarec-frozen-text", "metarec", frozen_text=True, note="frozen (not fine-tuned) encoder"),
+    Variant(
+        "metarec-no-attribute-bias",
+        "metarec",
+        {"attribute_bias": False},
+        note="without the item-metadata (genre, year) bias",
+    ),
+    Variant(
+        "metarec-language-gates",
+        "metarec",
+        {"gates": "language"},
+        note="channel weights set by the language model (user text vs verbalised metapath), not learned",
+    ),
+    Variant(
+        "metarec-both-gates",
+        "metarec",
+        {"gates": "both"},
+        note="channel weights learned freely plus the language model's match",
+    ),
+    Variant(
+        "metarec-text-to-id",
+        "metarec",
+        {"text_to_id": True},
+        note="with cold items' ID factors mapped from their text (off by default)",
+    ),
     Variant("pop", "pop", note="baseline"),
     Variant("itemknn", "itemknn", note="baseline"),
     Variant("bpr", "bpr", note="baseline"),
@@ -69,7 +95,7 @@ VARIANTS = (
 )
 
 #: The result parts whose metrics are averaged over seeds.
-PARTS = ("valid", "test", "cold", "cold_random", "mixed")
+PARTS = ("valid", "test", "cold", "cold_random", "cold_valid", "mixed")
 
 
 def select(names: Sequence[str] | None = None) -> list[Variant]:
@@ -134,7 +160,7 @@ def run_tags(variant: Variant, cfg: Config) -> dict[str, str]:
 def run_metrics(result: dict[str, Any]) -> dict[str, float]:
     """One run's results as flat MLflow metrics (``test.ndcg_at_10``; chance levels under ``cold.``)."""
     out = {}
-    for part in ("valid", "test", "cold", "mixed"):
+    for part in ("valid", "test", "cold", "cold_valid", "mixed"):
         for name, value in (result.get(part) or {}).items():
             out[f"{part}.{metric_name(name)}"] = float(value)
     for name, value in (result.get("cold_random") or {}).items():
@@ -151,6 +177,7 @@ def columns(ks: list[int]) -> list[tuple[str, str]]:
         *(("test", f"ndcg@{k}") for k in ks),
         *(("test", f"recall@{k}") for k in ks),
         ("test", f"mrr@{low}"),
+        ("cold_valid", f"recall@{high}"),
         ("cold", f"recall@{high}"),
         ("cold", f"ndcg@{low}"),
         ("mixed", f"ndcg@{low}"),

@@ -97,7 +97,7 @@ class ScorerWithGates(nn.Module):
         scores = self.net(history, profile, features)
         if self.net.cfg.use_paths and self.net.cfg.n_channels:
             user = self.net.user_vector(history, profile)
-            gates = nn.functional.softplus(self.net.path_bias + user @ self.net.path_user)
+            gates = nn.functional.softplus(self.net.gate_logits(user))
         else:
             # Shaped from ``features`` so the input stays in the graph: the exporter drops unused inputs,
             # and serving feeds the same three inputs whatever the ablation switches.

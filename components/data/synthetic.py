@@ -117,6 +117,10 @@ def generate(spec: SyntheticSpec, dest: Path, name: str = "synthetic") -> dict[s
                 "item_id:token": np.arange(1, spec.n_items + 1),
                 "movie_title:token_seq": [f"Item {k}" for k in range(1, spec.n_items + 1)],
                 "class:token_seq": item_genres,
+                # From a generator of its own, so every other column stays as it was before years existed.
+                "release_year:token": np.random.default_rng([spec.seed, 1]).integers(
+                    1950, 2000, size=spec.n_items
+                ),
             }
         ).to_csv(tmp / f"{name}.item", sep="\t", index=False)
         pd.DataFrame(

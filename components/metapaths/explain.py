@@ -59,6 +59,35 @@ def _relation_label(key: str) -> str:
     return "interacted" if name == INTERACTED else name.split(".")[-1]
 
 
+#: Nouns for node types in :func:`describe`; other types are named by their type name.
+_NOUNS = {"user": "people", "item": "items"}
+
+
+def describe(path: Metapath) -> str:
+    """A metapath as an English phrase the language model can read.
+
+    ``interacted|~interacted|interacted`` becomes "items liked by people who liked items you liked";
+    ``user.occupation|~user.occupation|interacted`` becomes "items liked by people whose occupation
+    is your occupation". The phrase names what the channel recommends, so its embedding can be
+    matched against a user's interest text.
+    """
+    first = path.keys[0]
+    phrase = "items you liked" if first == INTERACTED else f"your {_relation_label(first).replace('_', ' ')}"
+    for step, key in enumerate(path.keys[1:], start=2):
+        target = path.types[step]
+        noun = _NOUNS.get(target, target.replace("_", " "))
+        name = _relation_label(key).replace("_", " ")
+        if key == INTERACTED:
+            phrase = f"items liked by {phrase}"
+        elif key == REVERSE + INTERACTED:
+            phrase = f"people who liked {phrase}"
+        elif key.startswith(REVERSE):
+            phrase = f"{noun} whose {name} is {phrase}"
+        else:
+            phrase = f"the {name} of {phrase}"
+    return phrase
+
+
 def render(path: Metapath, nodes: Sequence[int], namer: Namer) -> str:
     """Render an instance as text.
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # torch: these load only when a model is fitted
     from components.baselines import Recommender
     from components.model.fit import FitData
     from components.model.recommender import MetarecRecommender
+    from components.text.encoder import EmbeddingCache
+    from components.text.retune import Retuned
 
 
 @dataclass
@@ -62,11 +65,58 @@ def load_trained(directory: Path) -> Recommender:
     return baselines.load_model(Path(directory))
 
 
-def fit_data(paths: Paths, frozen: bool = False) -> FitData:
+def fit_data(paths: Paths, cfg: Config, frozen: bool = False) -> FitData:
     """The fusion model's inputs from this workspace's stage outputs."""
     from components.model.fit import load_fit_data
 
-    return load_fit_data(paths.processed, paths.graph, paths.split, paths.metapaths, paths.text, frozen)
+    data = load_fit_data(paths.processed, paths.graph, paths.split, paths.metapaths, paths.text, frozen)
+    adapter = paths.text / "finetune" / "adapter"
+    data.encode = text_encoder(paths, cfg, None if frozen or not adapter.is_dir() else adapter)
+    return data
+
+
+def text_encoder(paths: Paths, cfg: Config, adapter: Path | None) -> Callable[[list[str]], np.ndarray]:
+    """Embed texts with the workspace's encoder (``adapter``: fine-tuned), loaded on first use, cached."""
+    from components.text.encoder import Encoder, encode_cached, resolve_model
+
+    text = cfg.text
+    loaded: list[Encoder] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        if not loaded:
+            ref = resolve_model(text.model)
+            loaded.append(Encoder(ref, text.max_length, text.batch_size, text.threads, adapter_dir=adapter))
+        return encode_cached(loaded[0], texts, embedding_cache(paths, cfg))[0]
+
+    return encode
+
+
+def embedding_cache(paths: Paths, cfg: Config) -> EmbeddingCache:
+    """The workspace's text-embedding cache (``text.cache_dir`` or ``<workspace>/.cache/text-embeddings``)."""
+    from components.text.encoder import EmbeddingCache
+
+    directory = cfg.text.cache_dir
+    return EmbeddingCache(Path(directory) if directory else paths.root / ".cache" / "text-embeddings")
+
+
+def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame) -> Retuned:
+    """Embeddings from the encoder fine-tuned on ``train`` alone (see :mod:`components.text.retune`)."""
+    from components.data import ingest, kg
+    from components.text.encoder import resolve_model
+    from components.text.retune import retuned_embeddings
+
+    _, users, items, _ = ingest.read_processed(paths.processed)
+    return retuned_embeddings(
+        resolve_model(cfg.text.model),
+        train,
+        users,
+        items,
+        kg.load_graph(paths.graph),
+        cfg.text,
+        cfg.seed,
+        paths.root / ".cache" / "retuned-adapters",
+        embedding_cache(paths, cfg),
+    )
 
 
 def fit_metarec(data: FitData, cfg: Config, log: bool = True) -> tuple[MetarecRecommender, dict[str, Any]]:
@@ -106,8 +156,18 @@ def fit_configured(
     active MLflow run.
     """
     if cfg.model.name == "metarec":
-        data = fit_data(paths, frozen)
-        return fit_metarec(data if cold_items is None else data.without_items(cold_items), cfg, log=log)
+        data = fit_data(paths, cfg, frozen)
+        if cold_items is not None:
+            data = data.without_items(cold_items)
+            if cfg.eval.cold_finetune and cfg.text.finetune.enabled and not frozen:
+                retuned = retuned_text(paths, cfg, data.train)
+                data = replace(
+                    data,
+                    item_text=retuned.item_vectors,
+                    profile=retuned.profile_vectors,
+                    encode=text_encoder(paths, cfg, retuned.adapter_dir),
+                )
+        return fit_metarec(data, cfg, log=log)
     from components import baselines  # torch: imported only by the stages that need it
 
     params = model_params(cfg)
@@ -123,8 +183,9 @@ def fit_configured(
 def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = False) -> dict[str, Any]:
     """Refit the configured model with a seeded share of items made cold and evaluate it there.
 
-    Returns the cold-items-only ranking metrics (``cold``) and the warm test metrics of the refitted
-    model ranking the full catalogue, cold items included (``mixed``).
+    Returns the cold-items-only ranking metrics on test (``cold``) and on validation (``cold_valid``,
+    empty when no validation user has a cold item), and the warm test metrics of the refitted model
+    ranking the full catalogue, cold items included (``mixed``).
     """
     from components.evaluation import coldstart
 
@@ -134,6 +195,17 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
     result = coldstart.evaluate_cold(
         lambda block: model.score(block, history=cold.train), cold, cfg.eval.ks, seed=cfg.seed
     )
+    # The same ranking task with the cold items' validation interactions as truth: what settings
+    # aimed at cold items are chosen on (test is read once per final configuration).
+    try:
+        on_valid = coldstart.evaluate_cold(
+            lambda block: model.score(block, history=cold.train),
+            coldstart.ColdSplit(cold.train, cold.valid, data.valid, cold.cold_items),
+            cfg.eval.ks,
+            seed=cfg.seed,
+        )["overall"]
+    except ValueError:  # no validation user on a cold item (tiny datasets)
+        on_valid = {}
     mixed = evaluate.evaluate(
         model,
         evaluate.EvalData(cold.train, cold.valid, data.test),
@@ -142,7 +214,7 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
         cfg.eval.activity_buckets,
         cfg.eval.block_size,
     )
-    return {"cold": result, "mixed": mixed["overall"]}
+    return {"cold": result, "cold_valid": on_valid, "mixed": mixed["overall"]}
 
 
 def evaluate_variant(paths: Paths, cfg: Config, frozen: bool = False) -> dict[str, Any]:
@@ -162,5 +234,6 @@ def evaluate_variant(paths: Paths, cfg: Config, frozen: bool = False) -> dict[st
         out["cold"] = cold["cold"]["overall"]
         out["cold_random"] = {k: v for k, v in cold["cold"].items() if k.startswith("random_recall@")}
         out["mixed"] = cold["mixed"]
+        out["cold_valid"] = cold["cold_valid"]
     out["best_epoch"] = summary.get("best_epoch")
     return out

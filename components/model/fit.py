@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from components.core.config import MetarecConfig
 from components.data import kg, split
 from components.data.kg import HeteroGraph
 from components.model.data import assemble, model_paths
+from components.model.features import FeatureBank
 from components.model.loop import EpochLog, TrainConfig, train
 from components.model.recommender import MetarecRecommender
 from components.text.features import load_embeddings
@@ -31,6 +33,8 @@ class FitData:
     report: dict[str, Any]  # the mining report (selected metapaths and per-candidate scores)
     item_text: np.ndarray
     profile: np.ndarray
+    # Embeds texts with the encoder that made ``item_text`` (language gates embed the channels' phrases).
+    encode: Callable[[list[str]], np.ndarray] | None = None
 
     def without_items(self, items: np.ndarray) -> FitData:
         """The same data with every train and valid interaction on ``items`` removed (cold items)."""
@@ -77,6 +81,38 @@ def load_fit_data(
     )
 
 
+def item_attributes(graph: HeteroGraph) -> np.ndarray | None:
+    """The items' metadata one-hots (``kg.item_fields``: genre, release year), float32, or None if none.
+
+    Only metadata relations (``item.<type>`` to a non-item type): KG entities such as actors are many,
+    mostly single-film, and a bias per entity would learn the items' own popularity back.
+    """
+    parts = [
+        rel.matrix.toarray()
+        for key, rel in sorted(graph.relations.items())
+        if key.startswith("item.") and rel.src == "item" and rel.dst != "item"
+    ]
+    return np.hstack(parts).astype(np.float32) if parts else None
+
+
+def channel_sentences(bank: FeatureBank, graph: HeteroGraph) -> list[str]:
+    """What each channel recommends, in words: the language gates' side of the match."""
+    from components.metapaths.explain import describe
+    from components.metapaths.schema import parse
+
+    phrases = {
+        "popularity": "items that many people liked",
+        "ease": "items often liked together with items you liked",
+    }
+    out = []
+    for channel in bank.channels:
+        if channel.kind == "metapath" and channel.metapath_id:
+            out.append(describe(parse(channel.metapath_id, graph.schema)))
+        else:
+            out.append(phrases.get(channel.kind, channel.name))
+    return out
+
+
 def fit(
     data: FitData,
     mcfg: MetarecConfig,
@@ -107,6 +143,15 @@ def fit(
         int(mcfg.dense_suffix_mb * (1 << 20)),
         popularity=mcfg.use_popularity,
     )
+    if mcfg.attribute_bias:
+        inputs.item_attributes = item_attributes(data.graph)
+    if mcfg.use_paths and mcfg.gates != "learned" and inputs.eval_bank.channels:
+        if data.encode is None:
+            raise ValueError(
+                f"model.metarec.gates={mcfg.gates!r} needs the text encoder to embed the channels"
+            )
+        sentences = channel_sentences(inputs.eval_bank, data.graph)
+        inputs.channel_text = np.asarray(data.encode(sentences), dtype=np.float32)
     net, summary = train(inputs, TrainConfig.from_section(mcfg, seed, eval_metric), on_epoch)
     summary["channels"] = inputs.eval_bank.names
     model = MetarecRecommender(net, inputs.eval_bank, data.profile, data.train_matrix, config)

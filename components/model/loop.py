@@ -50,6 +50,10 @@ class TrainConfig:
     use_paths: bool
     use_text: bool
     use_ids: bool
+    text_to_id: bool
+    text_warm: bool
+    attribute_bias: bool
+    gates: str
     eval_metric: str  # early-stopping metric (the pipeline's eval.primary), computed on validation each epoch
     seed: int
     threads: int
@@ -74,6 +78,8 @@ class FusionInputs:
     eval_bank: FeatureBank  # channels computed from ``eval_history``
     valid: sp.csr_matrix  # (n_users, n_items) validation truth
     warm: np.ndarray  # (n_items,) bool: items with training interactions
+    channel_text: np.ndarray | None = None  # (n_channels, d) verbalised channels, for language gates
+    item_attributes: np.ndarray | None = None  # (n_items, n_attributes) metadata one-hots, for their bias
 
 
 EpochLog = Callable[[int, dict[str, float]], None]
@@ -140,8 +146,21 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
         use_paths=cfg.use_paths,
         use_text=cfg.use_text,
         use_ids=cfg.use_ids,
+        text_to_id=cfg.text_to_id,
+        text_warm=cfg.text_warm,
+        gates=cfg.gates,
+        n_attributes=0 if inputs.item_attributes is None else int(inputs.item_attributes.shape[1]),
     )
-    net = FusionNet(net_cfg, torch.from_numpy(inputs.item_text), torch.from_numpy(inputs.warm), cfg.seed)
+    channel_text = None if inputs.channel_text is None else torch.from_numpy(inputs.channel_text)
+    attributes = None if inputs.item_attributes is None else torch.from_numpy(inputs.item_attributes)
+    net = FusionNet(
+        net_cfg,
+        torch.from_numpy(inputs.item_text),
+        torch.from_numpy(inputs.warm),
+        cfg.seed,
+        channel_text,
+        attributes,
+    )
     optimiser = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     users = np.flatnonzero(np.diff(inputs.targets.indptr) > 0)
     if len(users) == 0:

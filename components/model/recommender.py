@@ -108,7 +108,13 @@ class MetarecRecommender:
             raise ValueError(f"{directory} holds model {meta.get('name')!r}, not {NAME!r}")
         state = load_file(str(directory / WEIGHTS))
         cfg = NetConfig(**meta["net"])
-        net = FusionNet(cfg, state["item_text"], state["warm"])
+        net = FusionNet(
+            cfg,
+            state["item_text"],
+            state["warm"],
+            channel_text=state.get("channel_text"),
+            item_attributes=state.get("item_attributes"),
+        )
         net.load_state_dict(state)
         bank = FeatureBank.load(directory)
         with np.load(directory / PROFILES, allow_pickle=False) as data:

@@ -32,7 +32,7 @@ def run(paths: Paths, cfg: Config) -> None:
         import mlflow
 
         from components.core.storage import write_json as save_json
-        from components.text import features, pairs
+        from components.text import features, pairs, retune
         from components.text.encoder import EmbeddingCache, Encoder, resolve_model
         from components.text.finetune import FinetuneConfig, finetune, validation_signal
 
@@ -70,15 +70,7 @@ def run(paths: Paths, cfg: Config) -> None:
         with atomic_dir(paths.text) as tmp:
             ft = text.finetune
             if ft.enabled:
-                train_pairs = pairs.next_item_pairs(
-                    parts.train,
-                    users,
-                    items,
-                    item_texts,
-                    text.n_recent,
-                    text.user_template,
-                    max_per_user=ft.max_pairs_per_user,
-                )
+                train_pairs = retune.training_pairs(parts.train, users, items, item_texts, text)
                 ft_cfg = FinetuneConfig.from_section(ft, cfg.seed)
                 result = finetune(
                     ref, train_pairs, ft_cfg, tmp / "finetune", log=_log_step, threads=text.threads

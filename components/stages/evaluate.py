@@ -43,8 +43,13 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
                 results["cold"] = cold
                 summary["cold"] = cold["cold"]["overall"]
                 summary["mixed"] = cold["mixed"]
+                summary["cold_valid"] = cold["cold_valid"]
                 mlflow.log_metrics(
                     {f"cold.{tracking.metric_name(k)}": float(v) for k, v in cold["cold"]["overall"].items()}
+                    | {
+                        f"cold_valid.{tracking.metric_name(k)}": float(v)
+                        for k, v in cold["cold_valid"].items()
+                    }
                     | {f"mixed.{tracking.metric_name(k)}": float(v) for k, v in cold["mixed"].items()}
                 )
         for part, result in ((p, results[p]) for p in ("valid", "test")):

@@ -394,3 +394,16 @@ def test_explanation_counts_match_brute_force(tiny: tuple[kg.HeteroGraph, ingest
             for i in range(len(graph.node_ids["item"])):
                 total, _ = instances(counter, path, u, i, top_n=1)
                 assert total == walks([("user", u)], 0, i), (spec, u, i)
+
+
+def test_describe_reads_each_relation_in_order(tiny: tuple[kg.HeteroGraph, ingest.Dataset]) -> None:
+    """The language gates' phrase for a metapath, hand-written for three shapes of path."""
+    from components.metapaths.explain import describe
+
+    schema = tiny[0].schema
+    assert describe(parse(CF, schema)) == "items liked by people who liked items you liked"
+    assert (
+        describe(parse(DIRECTOR, schema)) == "items whose directed by is the directed by of items you liked"
+    )
+    occupation = parse("user.occupation|~user.occupation|interacted", schema)
+    assert describe(occupation) == "items liked by people whose occupation is your occupation"

@@ -27,6 +27,10 @@ EXPECTED_VARIANTS = [
     "metarec-no-text",
     "metarec-no-ids",
     "metarec-frozen-text",
+    "metarec-no-attribute-bias",
+    "metarec-language-gates",
+    "metarec-both-gates",
+    "metarec-text-to-id",
     "pop",
     "itemknn",
     "bpr",
@@ -64,6 +68,9 @@ def test_variants_remove_one_part_each() -> None:
     assert changes["metarec-no-popularity"] == {"use_popularity": False}
     assert changes["metarec-no-ease"] == {"ease_l2": None}
     assert changes["metarec-no-channels"] == {"use_paths": False}
+    assert changes["metarec-no-attribute-bias"] == {"attribute_bias": False}
+    assert changes["metarec-language-gates"] == {"gates": "language"}
+    assert changes["metarec-text-to-id"] == {"text_to_id": True}
     assert [v.name for v in VARIANTS if v.frozen_text] == ["metarec-frozen-text"]
 
 
@@ -107,6 +114,7 @@ TINY_ROWS = [
         valid={"ndcg@5": 0.10},
         test={"ndcg@5": 0.20, "recall@5": 0.30},
         cold={"recall@5": 0.5, "ndcg@5": 0.1},
+        cold_valid={"recall@5": 0.4},
     ),
     _row("B", 1, test={"ndcg@5": 0.05}),
     _row("A", 2, valid={"ndcg@5": 0.12}, test={"ndcg@5": 0.26, "recall@5": 0.30}, cold={"ndcg@5": 0.2}),
@@ -117,12 +125,12 @@ def test_table_is_mean_and_sd_over_seeds() -> None:
     """Hand-computed: mean ± sample sd (ddof 1); one value alone; no value n/a."""
     expected = "\n".join(
         [
-            "| variant | seeds | valid ndcg@5 | test ndcg@5 | test recall@5 | test mrr@5 | cold recall@5 "
-            "| cold ndcg@5 | mixed ndcg@5 |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-            "| A | 2 | 0.1100 ± 0.0141 | 0.2300 ± 0.0424 | 0.3000 ± 0.0000 | n/a | 0.5000 "
+            "| variant | seeds | valid ndcg@5 | test ndcg@5 | test recall@5 | test mrr@5 "
+            "| cold_valid recall@5 | cold recall@5 | cold ndcg@5 | mixed ndcg@5 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| A | 2 | 0.1100 ± 0.0141 | 0.2300 ± 0.0424 | 0.3000 ± 0.0000 | n/a | 0.4000 | 0.5000 "
             "| 0.1500 ± 0.0707 | n/a |",
-            "| B | 1 | n/a | 0.0500 | n/a | n/a | n/a | n/a | n/a |",
+            "| B | 1 | n/a | 0.0500 | n/a | n/a | n/a | n/a | n/a | n/a |",
         ]
     )
     assert table(TINY_ROWS, [5]) == expected
@@ -153,6 +161,7 @@ def test_summaries_and_metrics() -> None:
         "cold.recall_at_5": 0.5,
         "cold.ndcg_at_5": 0.1,
         "cold.random_recall_at_5": 0.25,
+        "cold_valid.recall_at_5": 0.4,
         "fit_seconds": 1.0,
     }
     line = ablation.progress(2, 4, {**TINY_ROWS[0], "fit_seconds": 12.3}, [5], "ndcg@5", 120.0)

@@ -378,3 +378,34 @@ def test_export_stage_failure_keeps_previous_bundle(tmp_path: Path, monkeypatch:
     bundle = ws / "models" / "bundle"
     assert sorted(p.name for p in bundle.iterdir()) == ["previous.txt"]
     assert not [p.name for p in (ws / "models").iterdir() if p.name != "bundle"]  # no scratch left
+
+
+def test_scorer_with_every_option_exports_with_parity(
+    bank: FeatureBank, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Language gates, the text→ID map and the metadata bias are plain tensors: ONNX matches torch."""
+    gen = torch.Generator().manual_seed(5)
+    item_text = torch.nn.functional.normalize(torch.randn(N_ITEMS, TEXT_DIM, generator=gen), dim=1)
+    channel_text = torch.nn.functional.normalize(torch.randn(3, TEXT_DIM, generator=gen), dim=1)
+    attributes = (torch.rand(N_ITEMS, 4, generator=gen) < 0.4).float()
+    warm = torch.ones(N_ITEMS)
+    warm[:3] = 0.0
+    cfg = NetConfig(N_ITEMS, TEXT_DIM, 3, rank=4, gates="both", text_to_id=True, n_attributes=4)
+    net = FusionNet(cfg, item_text, warm, 0, channel_text, attributes)
+    with torch.no_grad():
+        for param in (net.gate_history, net.gate_profile, net.attribute_bias):
+            param.copy_(torch.randn(param.shape, generator=gen) * 3.0)
+        net.id_from_text.mul_(100.0)
+    net.eval()
+    history = make_history(rng)
+    users = np.arange(5)
+    profile = rng.standard_normal((N_USERS, TEXT_DIM)).astype(np.float32)
+    features = bank.rows(history[users], users)
+    scorer = OnnxScorer(export_scorer(net, tmp_path / "scorer.onnx"), bank, profile)
+    scores, gates = scorer(history[users].toarray(), profile[users], features)
+    expected = MetarecRecommender(net, bank, profile, history).score(users, history)
+    assert np.max(np.abs(scores - expected)) <= 1e-4
+    with torch.no_grad():
+        user = net.user_vector(torch.from_numpy(history[users].toarray()), torch.from_numpy(profile[users]))
+        want = torch.nn.functional.softplus(net.gate_logits(user)).numpy()
+    assert np.max(np.abs(gates - want)) <= 1e-4

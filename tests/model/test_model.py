@@ -20,9 +20,9 @@ from components.metapaths.mining import normalise_rows
 from components.metapaths.schema import Metapath, parse
 from components.model.data import assemble, model_paths
 from components.model.features import FeatureBank, build_bank
-from components.model.fit import FitData, fit
+from components.model.fit import FitData, channel_sentences, fit
 from components.model.loop import FusionInputs, TrainConfig, temporal_holdout, train, validation_metrics
-from components.model.net import FusionNet
+from components.model.net import FusionNet, NetConfig
 from components.model.recommender import MetarecRecommender
 
 GENRES = ["action", "comedy", "drama", "horror", "romance"]
@@ -545,3 +545,128 @@ def test_ablation_switches_remove_one_kind_of_channel(changes: dict, expected: l
     # A cold refit (the ablation's cold protocol) works with the same switches.
     cold, _ = fit(data.without_items(np.array([1, 2, 3])), mcfg, "pathsim", 0.5, 0, eval_metric="ndcg@10")
     assert np.isfinite(cold.score(np.arange(N_USERS))).all()
+
+
+# ---------------------------------------------------------------- options: language gates, text→ID
+
+C = 3
+
+
+def _unit(rows: int, seed: int) -> torch.Tensor:
+    x = torch.randn(rows, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _inputs(batch: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    history = (torch.rand(batch, N_ITEMS, generator=gen) < 0.2).float()
+    return history, _unit(batch, 8), torch.rand(batch, C, N_ITEMS, generator=gen)
+
+
+def test_language_gates_are_scaled_cosines_with_the_channel_phrases() -> None:
+    cfg = NetConfig(N_ITEMS, TEXT_DIM, C, rank=4, gates="language")
+    channel_text = _unit(C, 3)
+    net = FusionNet(cfg, _unit(N_ITEMS, 1), torch.ones(N_ITEMS), 0, channel_text)
+    assert not hasattr(net, "path_user")  # no free per-user map: the language model alone decides
+    with torch.no_grad():
+        net.path_bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        net.gate_history.copy_(torch.tensor([2.0, 0.0, -1.0]))
+        net.gate_profile.copy_(torch.tensor([0.0, 3.0, 1.0]))
+    history, profile, feats = _inputs()
+    user = net.user_vector(history, profile)
+    mean = user[:, :TEXT_DIM]
+    want = (
+        net.path_bias
+        + (mean @ channel_text.T) * net.gate_history
+        + (profile @ channel_text.T) * net.gate_profile
+    )
+    torch.testing.assert_close(net.gate_logits(user), want)
+    # The scales learn: a loss on the scores reaches them.
+    net(history, profile, feats).sum().backward()
+    assert net.gate_history.grad is not None and net.gate_history.grad.abs().sum() > 0
+
+
+def test_language_gates_need_the_channel_phrases() -> None:
+    cfg = NetConfig(N_ITEMS, TEXT_DIM, C, gates="language")
+    with pytest.raises(ValueError, match=r"needs channel_text of shape \(3, 8\), got None"):
+        FusionNet(cfg, _unit(N_ITEMS, 1), torch.ones(N_ITEMS))
+    with pytest.raises(ValueError, match="gates must be learned, language or both"):
+        FusionNet(NetConfig(N_ITEMS, TEXT_DIM, C, gates="lm"), _unit(N_ITEMS, 1), torch.ones(N_ITEMS))
+
+
+def test_default_net_keeps_its_tensors() -> None:
+    """Models saved before the options load unchanged: the defaults add no tensor to the state."""
+    net = FusionNet(NetConfig(N_ITEMS, TEXT_DIM, C), _unit(N_ITEMS, 1), torch.ones(N_ITEMS))
+    assert sorted(net.state_dict()) == sorted(
+        ["item_text", "warm", "path_bias", "path_user", "text_item", "text_user", "text_user_bias"]
+        + ["text_bias", "id_item", "id_user", "id_bias"]
+    )
+
+
+def test_text_to_id_gives_cold_items_an_id_term_from_text_alone() -> None:
+    warm = torch.ones(N_ITEMS)
+    warm[:5] = 0.0
+    cfg = NetConfig(N_ITEMS, TEXT_DIM, C, rank=4, use_paths=False, use_text=False, text_to_id=True)
+    net = FusionNet(cfg, _unit(N_ITEMS, 1), warm)
+    history, profile, feats = _inputs()
+    before = net(history, profile, feats)
+    with torch.no_grad():
+        net.id_from_text.mul_(100.0)
+    after = net(history, profile, feats)
+    assert not torch.allclose(before[:, :5], after[:, :5])  # cold items: scored through the map
+    torch.testing.assert_close(before[:, 5:], after[:, 5:])  # warm items: their own factors only
+    plain = FusionNet(
+        NetConfig(N_ITEMS, TEXT_DIM, C, rank=4, use_paths=False, use_text=False), _unit(N_ITEMS, 1), warm
+    )
+    assert torch.count_nonzero(plain(history, profile, feats)[:, :5]) == 0  # off: cold items get nothing
+
+
+def test_fit_with_every_option_saves_and_loads(tmp_path: Path) -> None:
+    """Language gates embed one phrase per channel; with text→ID and metadata bias, save/load is exact."""
+    data = _fit_data()
+    seen: list[list[str]] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        seen.append(list(texts))
+        return _unit(len(texts), 11).numpy()
+
+    data.encode = encode
+    small = {"epochs": 2, "patience": 100, "rank": 8, "batch_users": 32, "holdout": 0.25, "content_paths": 1}
+    options = MetarecConfig(**small, gates="both", text_to_id=True, attribute_bias=True)
+    model, _ = fit(data, options, "pathsim", 0.5, 0, eval_metric="ndcg@10")
+    assert model.net.cfg.n_attributes == len(GENRES)
+    assert seen == [channel_sentences(model.bank, data.graph)]
+    assert seen[0][-2:] == ["items that many people liked", "items often liked together with items you liked"]
+    model.save(tmp_path)
+    again = MetarecRecommender.load(tmp_path)
+    users = np.arange(N_USERS)
+    np.testing.assert_allclose(again.score(users), model.score(users), rtol=1e-5, atol=1e-5)
+    data.encode = None
+    with pytest.raises(ValueError, match="needs the text encoder"):
+        fit(data, MetarecConfig(**small, gates="language"), "pathsim", 0.5, 0, eval_metric="ndcg@10")
+
+
+def test_item_attributes_are_metadata_one_hots_only() -> None:
+    """Genre (metadata) becomes one-hot columns; prequel (item→item) and interactions do not."""
+    from components.model.fit import item_attributes
+
+    data = _fit_data()
+    attrs = item_attributes(data.graph)
+    assert attrs is not None and attrs.dtype == np.float32
+    np.testing.assert_array_equal(attrs, data.graph.matrix("item.genre").toarray())
+    assert attrs.shape == (N_ITEMS, len(GENRES))
+
+
+def test_attribute_bias_shifts_every_users_scores_by_the_items_metadata() -> None:
+    rng = np.random.default_rng(3)
+    attrs = torch.from_numpy(random_genres(N_ITEMS, rng).toarray().astype(np.float32))
+    cfg = NetConfig(N_ITEMS, TEXT_DIM, C, rank=4, n_attributes=len(GENRES))
+    net = FusionNet(cfg, _unit(N_ITEMS, 1), torch.ones(N_ITEMS), 0, item_attributes=attrs)
+    history, profile, feats = _inputs()
+    before = net(history, profile, feats)
+    with torch.no_grad():
+        net.attribute_bias.copy_(torch.arange(len(GENRES), dtype=torch.float32))
+    shift = attrs @ torch.arange(len(GENRES), dtype=torch.float32)
+    torch.testing.assert_close(net(history, profile, feats), before + shift[None, :])
+    with pytest.raises(ValueError, match="needs item_attributes of shape"):
+        FusionNet(cfg, _unit(N_ITEMS, 1), torch.ones(N_ITEMS))

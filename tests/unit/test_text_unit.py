@@ -418,3 +418,48 @@ def test_finetune_config_is_the_section_plus_seed() -> None:
         "seed": 3,
     }
     assert lr_factor(0, CFG) == pytest.approx(0.5) and lr_factor(1, CFG) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- retuning for the cold-item protocol
+
+
+def test_retuned_encoder_never_sees_the_cold_items(
+    ref: ModelRef, model_dir: Path, tiny: tuple[HeteroGraph, ingest.Dataset], tmp_path: Path
+) -> None:
+    """The cold protocol's fine-tune learns from pairs without the cold items; one adapter per input."""
+    from components.core.config import TextConfig
+    from components.text.retune import retuned_embeddings, training_pairs
+
+    graph, data = tiny
+    text = TextConfig.model_validate(
+        {
+            "model": str(model_dir),
+            "max_length": 32,
+            "threads": 1,
+            "finetune": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "max_length": 32},
+        }
+    )
+    cold = [1, 3]  # i2 "Beta Two" and i4
+    kept = data.interactions[~data.interactions.item.isin(cold)]
+    texts = verbalise.item_texts(data.items, graph)
+    full = training_pairs(data.interactions, data.users, data.items, texts, text)
+    pairs = training_pairs(kept, data.users, data.items, texts, text)
+    assert set(full.targets.tolist()) & set(cold)  # the stage's pairs do hold them ...
+    assert not set(pairs.targets.tolist()) & set(cold)  # ... the protocol's do not,
+    assert not any("Beta Two" in q for q in pairs.queries)  # not even as a watched title
+    assert any("Beta Two" in q for q in full.queries)
+
+    adapters = tmp_path / "adapters"
+    first = retuned_embeddings(ref, kept, data.users, data.items, graph, text, 7, adapters)
+    assert not first.cached and first.n_pairs == len(pairs)
+    assert first.item_vectors.shape == (len(data.items), 32) and first.profile_vectors.shape[0] == len(
+        data.users
+    )
+    again = retuned_embeddings(ref, kept, data.users, data.items, graph, text, 7, adapters)
+    assert again.cached and again.adapter_dir == first.adapter_dir  # a second variant reuses the fine-tune
+    np.testing.assert_allclose(again.item_vectors, first.item_vectors, atol=1e-6)
+    other = retuned_embeddings(ref, data.interactions, data.users, data.items, graph, text, 7, adapters)
+    assert other.adapter_dir != first.adapter_dir and not other.cached
+    assert sorted(p.name for p in adapters.iterdir()) == sorted(
+        [first.adapter_dir.parent.name, other.adapter_dir.parent.name]
+    )
