@@ -97,6 +97,13 @@ def metric(metrics: dict[str, Any], dotted: str) -> float | None:
     return float(value)
 
 
+def cold_protocol(metrics: dict[str, Any]) -> str:
+    """How a version's cold figure was made: ``re-fine-tuned`` without the cold items, or ``reused``."""
+    section = metrics.get("cold_protocol")
+    retuned = isinstance(section, dict) and section.get("encoder_retuned") is True
+    return "re-fine-tuned" if retuned else "reused"
+
+
 def eval_fingerprint(data_version: dict[str, str], paths: list[str]) -> dict[str, str]:
     """The entries of ``data_version`` that identify the evaluation data (``paths`` and below them)."""
     prefixes = [p.rstrip("/") for p in paths]
@@ -269,6 +276,14 @@ def _versus(
         checks.add(True, f"{cfg.cold_metric}: no cold test items in this split, compared by floor only")
     elif new is None or old is None:
         checks.missing(cfg.cold_metric, "challenger" if new is None else "champion")
+    elif cold_protocol(mine) != cold_protocol(theirs):
+        # Before the cold refit re-fine-tuned the encoder, its figure reused embeddings that had seen the
+        # cold items: the two numbers measure different things, so only the floor applies.
+        checks.add(
+            True,
+            f"{cfg.cold_metric}: measured with the encoder {cold_protocol(mine)} here and "
+            f"{cold_protocol(theirs)} for champion v{champion}; compared by floor only",
+        )
     else:
         floor = old - cfg.max_cold_drop
         checks.add(

@@ -619,8 +619,9 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
             "bundle_mb": file_mb(dest),
         },
     }
-    if "cold" in torch_metrics:
-        metrics["cold"] = torch_metrics["cold"]
+    for section in ("cold", "cold_protocol"):
+        if section in torch_metrics:
+            metrics[section] = torch_metrics[section]
     card = model_card(
         cfg, metrics, bank.names, int(net.cfg.n_items), n_users, str(parts.encoder.ref.name), parts.finetuned
     )

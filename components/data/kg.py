@@ -146,8 +146,13 @@ def build_graph(
     user_fields: dict[str, str],
     age_buckets: list[int],
     type_names: dict[str, str] | None = None,
+    optional_item_fields: dict[str, str] | None = None,
 ) -> tuple[HeteroGraph, dict[str, Any]]:
-    """Build the typed graph from processed tables; return it with a build report."""
+    """Build the typed graph from processed tables; return it with a build report.
+
+    ``item_fields`` must exist in the items table; ``optional_item_fields`` are used where they do
+    and listed under ``skipped_item_fields`` in the report where they do not.
+    """
     if users.empty or items.empty:
         raise GraphError("kg: cannot build a graph without users and items")
     type_names = type_names or {}
@@ -167,9 +172,17 @@ def build_graph(
         _add_attribute(graph, users, "user", column, type_name, "user", split_tokens=False)
     for column, type_name in item_fields.items():
         _add_attribute(graph, items, "item", column, type_name, "item", split_tokens=True)
+    skipped = []
+    for column, type_name in (optional_item_fields or {}).items():
+        if column in item_fields:
+            continue  # already required
+        if column not in items:
+            skipped.append(column)
+            continue
+        _add_attribute(graph, items, "item", column, type_name, "item", split_tokens=True)
 
     report = _add_kg(graph, items, kg, type_names)
-    return graph, report
+    return graph, {**report, "skipped_item_fields": skipped}
 
 
 def _add_kg(

@@ -159,7 +159,7 @@ def fit_configured(
         data = fit_data(paths, cfg, frozen)
         if cold_items is not None:
             data = data.without_items(cold_items)
-            if cfg.eval.cold_finetune and cfg.text.finetune.enabled and not frozen:
+            if cold_retunes(cfg, frozen):
                 retuned = retuned_text(paths, cfg, data.train)
                 data = replace(
                     data,
@@ -197,15 +197,14 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
     )
     # The same ranking task with the cold items' validation interactions as truth: what settings
     # aimed at cold items are chosen on (test is read once per final configuration).
-    try:
+    on_valid: dict[str, Any] = {}
+    if data.valid[:, cold.cold_items].nnz:  # tiny datasets may have no validation user on a cold item
         on_valid = coldstart.evaluate_cold(
             lambda block: model.score(block, history=cold.train),
             coldstart.ColdSplit(cold.train, cold.valid, data.valid, cold.cold_items),
             cfg.eval.ks,
             seed=cfg.seed,
         )["overall"]
-    except ValueError:  # no validation user on a cold item (tiny datasets)
-        on_valid = {}
     mixed = evaluate.evaluate(
         model,
         evaluate.EvalData(cold.train, cold.valid, data.test),
@@ -214,7 +213,13 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
         cfg.eval.activity_buckets,
         cfg.eval.block_size,
     )
-    return {"cold": result, "cold_valid": on_valid, "mixed": mixed["overall"]}
+    retuned = cfg.model.name == "metarec" and cold_retunes(cfg, frozen)
+    return {"cold": result, "cold_valid": on_valid, "mixed": mixed["overall"], "encoder_retuned": retuned}
+
+
+def cold_retunes(cfg: Config, frozen: bool = False) -> bool:
+    """Whether the fusion model's cold refit fine-tunes the encoder again without the cold items."""
+    return cfg.eval.cold_finetune and cfg.text.finetune.enabled and not frozen
 
 
 def evaluate_variant(paths: Paths, cfg: Config, frozen: bool = False) -> dict[str, Any]:

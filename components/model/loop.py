@@ -52,7 +52,6 @@ class TrainConfig:
     use_ids: bool
     text_to_id: bool
     text_warm: bool
-    attribute_bias: bool
     gates: str
     eval_metric: str  # early-stopping metric (the pipeline's eval.primary), computed on validation each epoch
     seed: int
@@ -199,7 +198,10 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
             log_p = torch.log_softmax(logits, dim=1)
             loss = -((log_p * target).sum(dim=1) / target.sum(dim=1)).mean()
             if cfg.use_ids and cfg.id_reg:
-                loss = loss + cfg.id_reg * (net.id_item.pow(2).sum() + net.id_user.pow(2).sum()) / len(batch)
+                penalty = net.id_item.pow(2).sum() + net.id_user.pow(2).sum()
+                if cfg.text_to_id:
+                    penalty = penalty + net.id_from_text.pow(2).sum()
+                loss = loss + cfg.id_reg * penalty / len(batch)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

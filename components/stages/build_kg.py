@@ -20,6 +20,7 @@ def run(paths: Paths, cfg: Config) -> None:
             cfg.kg.user_fields,
             cfg.kg.age_buckets,
             cfg.kg.type_names,
+            cfg.kg.optional_item_fields,  # those skipped are listed in report.json
         )
         kg.save_graph(graph, paths.graph, report)
         run.log_artifact(str(paths.graph / "schema.png"))

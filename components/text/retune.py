@@ -17,6 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,10 @@ from components.data.kg import HeteroGraph
 from components.text import features, pairs
 from components.text.encoder import EmbeddingCache, Encoder, ModelRef
 from components.text.finetune import ADAPTER, FinetuneConfig, finetune
+from components.text.verbalise import item_texts
+
+#: Part of every cache key: bump it when the fine-tuning objective changes, so old adapters are not reused.
+KEY_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ def adapter_key(ref: ModelRef, cfg: FinetuneConfig, pair_set: pairs.PairSet) -> 
     """What makes two fine-tunes the same: base model, config (checkpointing aside) and pairs."""
     config = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}
     blob = json.dumps(
-        {"base": ref.fingerprint, "config": config, "pairs": pair_set.fingerprint()}, sort_keys=True
+        {"version": KEY_VERSION, "base": ref.fingerprint, "config": config, "pairs": pair_set.fingerprint()},
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
@@ -88,12 +94,16 @@ def retuned_embeddings(
         adapters: Cache folder of adapters.
         cache: Embedding cache (entries are keyed by the adapter's fingerprint).
     """
-    verbalise = {"max_titles": text.max_titles, "max_shared": text.max_shared}
-    frozen = Encoder(ref, text.max_length, text.batch_size, text.threads)
-    item_texts, _ = features.encode_items(
-        frozen, items, graph, text.item_template, text.max_facts, cache, **verbalise
+    verbalise: dict[str, Any] = {"max_titles": text.max_titles, "max_shared": text.max_shared}
+    texts = item_texts(
+        items,
+        graph,
+        text.item_template,
+        text.max_facts,
+        max_titles=text.max_titles,
+        max_shared=text.max_shared,
     )
-    pair_set = training_pairs(train, users, items, item_texts, text)
+    pair_set = training_pairs(train, users, items, texts, text)
     # No resumable checkpoints: an interrupted retune simply runs again, and they would stay in the cache.
     cfg = replace(FinetuneConfig.from_section(text.finetune, seed), checkpoint_every=0)
     home = Path(adapters) / adapter_key(ref, cfg, pair_set)

@@ -215,6 +215,7 @@ def test_build_report(built) -> None:
     _, report = built
     assert report["triples_dropped_unlinked"] == 1
     assert report["item_item_relations"] == ["film.film.prequel"]
+    assert report["skipped_item_fields"] == []
     assert report["kg_relations"] == [
         {
             "relation": "film.film.directed_by",
@@ -409,7 +410,12 @@ def test_build_without_kg_or_link(tiny) -> None:
     empty_kg = pd.DataFrame({"head_id": [], "relation_id": [], "tail_id": []}, dtype=str)
     graph, report = build_graph(tiny.users, tiny.items, empty_kg, ITEM_FIELDS, {}, AGE_BUCKETS)
     assert set(graph.relations) == {INTERACTED, "item.genre"}
-    assert report == {"kg_relations": [], "item_item_relations": [], "triples_dropped_unlinked": 0}
+    assert report == {
+        "kg_relations": [],
+        "item_item_relations": [],
+        "triples_dropped_unlinked": 0,
+        "skipped_item_fields": [],
+    }
 
 
 def test_build_errors(tiny) -> None:
@@ -422,3 +428,17 @@ def test_build_errors(tiny) -> None:
     bad_age = tiny.users.assign(age=["x"] * len(tiny.users))
     with pytest.raises(GraphError, match="must be numeric"):
         build_graph(bad_age, tiny.items, tiny.kg, {}, {"age": "age_bucket"}, AGE_BUCKETS)
+
+
+def test_optional_item_fields_are_used_where_present(tiny) -> None:
+    """ml-100k's release year joins as a type where the column exists; a missing one is reported."""
+    optional = {"release_year": "year", "budget": "budget"}
+    graph, report = build_graph(
+        tiny.users, tiny.items, tiny.kg, ITEM_FIELDS, USER_FIELDS, AGE_BUCKETS, optional_item_fields=optional
+    )
+    assert graph.node_ids["year"] == [str(y) for y in range(1990, 1998)]  # i1..i8: 1990..1997
+    assert graph.relations["item.year"].matrix.nnz == 8 and "budget" not in graph.node_ids
+    assert report["skipped_item_fields"] == ["budget"]
+    # A required field that is missing is still an error naming the column.
+    with pytest.raises(GraphError, match="item attribute column 'budget' not in the item table"):
+        build_graph(tiny.users, tiny.items, tiny.kg, {"budget": "budget"}, USER_FIELDS, AGE_BUCKETS)

@@ -670,3 +670,43 @@ def test_attribute_bias_shifts_every_users_scores_by_the_items_metadata() -> Non
     torch.testing.assert_close(net(history, profile, feats), before + shift[None, :])
     with pytest.raises(ValueError, match="needs item_attributes of shape"):
         FusionNet(cfg, _unit(N_ITEMS, 1), torch.ones(N_ITEMS))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "frozen", "retunes"),
+    [({}, False, True), ({"eval": {"cold_finetune": False}}, False, False), ({}, True, False)],
+)
+def test_cold_refit_retunes_the_encoder_on_the_reduced_training_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict, frozen: bool, retunes: bool
+) -> None:
+    """The cold refit hands the retune a training part without the cold items and fits on its vectors."""
+    from components.core.config import Config
+    from components.core.workspace import Paths
+    from components.model import facade
+    from components.text.retune import Retuned
+
+    data = _fit_data()
+    cold_items = np.array([1, 2, 3])
+    retuned_with: list[pd.DataFrame] = []
+    fitted: list[FitData] = []
+    new_text = unit_rows(N_ITEMS, TEXT_DIM, np.random.default_rng(9))
+
+    def retune(paths: Paths, cfg: Config, train: pd.DataFrame) -> Retuned:
+        retuned_with.append(train)
+        return Retuned(new_text, data.profile, tmp_path / "adapter", len(train), False)
+
+    monkeypatch.setattr(facade, "fit_data", lambda paths, cfg, frozen=False: data)
+    monkeypatch.setattr(facade, "retuned_text", retune)
+    monkeypatch.setattr(facade, "fit_metarec", lambda d, cfg, log=True: (fitted.append(d), {}))
+    cfg = Config.model_validate(overrides)
+    facade.fit_configured(Paths(tmp_path), cfg, cold_items=cold_items, frozen=frozen)
+    assert len(retuned_with) == int(retunes)
+    if retunes:
+        assert not retuned_with[0].item.isin(cold_items).any() and len(retuned_with[0]) > 0
+        np.testing.assert_array_equal(fitted[0].item_text, new_text)
+    else:
+        np.testing.assert_array_equal(fitted[0].item_text, data.item_text)
+    assert fitted[0].train_matrix[:, cold_items].nnz == 0
+    # A warm fit never retunes.
+    facade.fit_configured(Paths(tmp_path), cfg)
+    assert len(retuned_with) == int(retunes)

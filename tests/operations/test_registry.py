@@ -227,6 +227,21 @@ def test_gate_cold_drop_within_tolerance_and_margin() -> None:
     assert evaluate_gate(cand("2", ndcg=0.315, cold=0.30), champion, margin).promote
 
 
+def test_gate_compares_cold_figures_only_from_the_same_protocol() -> None:
+    """A leak-free cold figure (encoder re-fine-tuned) is not held to one that reused the embeddings."""
+    champion = cand("1", ndcg=0.30, cold=0.40)  # registered before the protocol changed: no marker
+    retuned = Candidate("2", {**metrics(0.32, 0.30), "cold_protocol": {"encoder_retuned": True}}, DATA)
+    decision = evaluate_gate(retuned, champion, CFG)
+    assert decision.promote, decision.reasons
+    assert any(
+        "compared by floor only" in r and "re-fine-tuned here and reused" in r for r in decision.reasons
+    )
+    # Both made alike: the drop of 0.10 fails as before.
+    alike = Candidate("1", {**metrics(0.30, 0.40), "cold_protocol": {"encoder_retuned": True}}, DATA)
+    assert not evaluate_gate(retuned, alike, CFG).promote
+    assert not evaluate_gate(cand("2", ndcg=0.32, cold=0.30), champion, CFG).promote
+
+
 def test_gate_refuses_metrics_from_other_evaluation_data() -> None:
     other = {**DATA, "data/split": "split-md5-2"}
     decision = evaluate_gate(cand("2", data=other, ndcg=0.5, cold=0.5), cand("1", ndcg=0.3, cold=0.3), CFG)
