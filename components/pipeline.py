@@ -21,6 +21,7 @@ import yaml
 
 from components.core import tracking
 from components.core.config import Config, apply_overrides, build_config, read_params
+from components.core.processes import TreePeak
 from components.core.secrets import redact, redact_url
 from components.core.storage import atomic_file
 from components.core.workspace import Paths, workspace_config
@@ -76,15 +77,26 @@ def _stage_env(parent_run_id: str | None = None, error_file: Path | None = None)
 
 
 def _dvc(
-    workspace: Path, *args: str, parent_run_id: str | None = None, error_file: Path | None = None
+    workspace: Path,
+    *args: str,
+    parent_run_id: str | None = None,
+    error_file: Path | None = None,
+    peaks: list[int | None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=workspace,
-        capture_output=True,
-        text=True,
-        env=_stage_env(parent_run_id, error_file),
-    )
+    """Run DVC in ``workspace``; with ``peaks``, append the peak RSS in bytes of its process tree."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    env = _stage_env(parent_run_id, error_file)
+    if peaks is None:
+        return subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, env=env)
+    with (
+        subprocess.Popen(
+            cmd, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        ) as proc,
+        TreePeak(proc.pid) as peak,
+    ):
+        out, err = proc.communicate()
+    peaks.append(peak.peak_bytes)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def prepare_workspace(workspace: Path, overrides: list[str] | None = None) -> Config:
@@ -200,6 +212,8 @@ class StageOutcome:
     seconds: float
     log: str
     restored: bool = False
+    # Peak resident memory of the stage's process tree (DVC and the stage), sampled; None if unmeasured.
+    peak_rss_mb: float | None = None
 
 
 def repro_stage(
@@ -217,10 +231,17 @@ def repro_stage(
         return StageOutcome(stage, False, time.perf_counter() - start, f"Stage '{stage}' didn't change")
     if on_start is not None:
         on_start()
+    peaks: list[int | None] = []
     with tempfile.TemporaryDirectory(prefix="metarec-stage-") as tmp:
         report = Path(tmp) / "error.txt"
         proc = _dvc(
-            Path(workspace), "repro", "--single-item", stage, parent_run_id=parent_run_id, error_file=report
+            Path(workspace),
+            "repro",
+            "--single-item",
+            stage,
+            parent_run_id=parent_run_id,
+            error_file=report,
+            peaks=peaks,
         )
         reported = report.read_text(encoding="utf-8").strip() if report.exists() else ""
     log = (proc.stdout + proc.stderr).strip()
@@ -235,7 +256,8 @@ def repro_stage(
     skipped = "didn't change, skipping" in log
     # DVC's run cache restores outputs of a deps+params combination it has run before.
     restored = "is cached - skipping run" in log
-    return StageOutcome(stage, not skipped, time.perf_counter() - start, log, restored)
+    peak_mb = None if peaks[0] is None else peaks[0] / 2**20
+    return StageOutcome(stage, not skipped, time.perf_counter() - start, log, restored, peak_mb)
 
 
 def stale(workspace: Path, stage: str) -> bool:

@@ -37,8 +37,15 @@ def run_stage(workspace: str, stage: str, parent_run_id: str) -> dict[str, Any]:
         state = f"restored from the DVC run cache in {outcome.seconds:.1f}s"
     else:
         state = f"ran in {outcome.seconds:.1f}s"
+    if outcome.ran and outcome.peak_rss_mb is not None:
+        state += f", peak RSS {outcome.peak_rss_mb:,.0f} MB"
     logger.info("stage %s: %s", stage, state)
-    return {"stage": stage, "ran": outcome.ran, "seconds": round(outcome.seconds, 2)}
+    return {
+        "stage": stage,
+        "ran": outcome.ran,
+        "seconds": round(outcome.seconds, 2),
+        "peak_rss_mb": None if outcome.peak_rss_mb is None else round(outcome.peak_rss_mb, 1),
+    }
 
 
 # Fetching reaches PyPI: a transient network error deserves another try; the other stages are

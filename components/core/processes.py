@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -70,3 +71,57 @@ def log_tail(path: Path, lines: int = 8, missing: str = "(no log)") -> str:
     except OSError:
         return missing
     return "\n".join(text[-lines:])
+
+
+def tree_rss(root: int) -> int | None:
+    """Resident bytes of process ``root`` and all its live descendants (Linux ``/proc``; None elsewhere)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "statm").exists():
+        return None
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int((proc / str(pid) / "statm").read_text().split()[1]) * page
+    return total
+
+
+class TreePeak:
+    """Peak resident memory of a process and its descendants while it runs, sampled from a thread.
+
+    A spike shorter than ``interval`` can be missed; pages that forked processes share count once per
+    process, so the figure is an upper bound. ``peak_bytes`` stays None where ``/proc`` is missing.
+    """
+
+    def __init__(self, root: int, interval: float = 0.25) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="tree-peak-rss", daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            rss = tree_rss(self.root)
+            if rss is None:
+                return
+            self.peak_bytes = max(self.peak_bytes or 0, rss)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> TreePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

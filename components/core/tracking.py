@@ -159,6 +159,12 @@ def log_run_summary(workspace: Path, metrics: dict[str, Any], outcomes: list[dic
         mlflow.log_metrics({metric_name(f"{part}.{k}"): float(v) for k, v in metrics.get(part, {}).items()})
     mlflow.set_tag("metarec.stages_run", ",".join(o["stage"] for o in outcomes if o["ran"]) or "none")
     mlflow.set_tag("metarec.stages_skipped", ",".join(o["stage"] for o in outcomes if not o["ran"]) or "none")
+    # Time and peak memory of each stage that ran: the growth curve across dataset sizes (issue 17).
+    for o in outcomes:
+        if o["ran"]:
+            mlflow.log_metric(f"stage.{o['stage']}.seconds", float(o["seconds"]))
+            if o.get("peak_rss_mb") is not None:
+                mlflow.log_metric(f"stage.{o['stage']}.peak_rss_mb", float(o["peak_rss_mb"]))
     log_data_version(workspace)
     # The stage runs hold these too, but a stage DVC skipped has no run this time: keep the parent
     # run self-explanatory either way.

@@ -131,6 +131,9 @@ def test_mlflow_parent_run_and_nested_stage_runs(ws: Workspace) -> None:
     assert tags["metarec.data_version.data/raw"].endswith(".dir")
     assert tags["metarec.model"] == "pop"
     assert tags["metarec.stages_run"] == ",".join(STAGES)
+    for stage in STAGES:  # every stage that ran: its time and its process tree's peak memory
+        assert parent.data.metrics[f"stage.{stage}.seconds"] > 0
+        assert 20 < parent.data.metrics[f"stage.{stage}.peak_rss_mb"] < 8000  # DVC alone takes tens of MB
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"data", "graph", "evaluation"} <= parent_artifacts
 

@@ -100,3 +100,21 @@ def test_up_status_down_keep_the_data_and_purge_removes_it(postgres_bin: Path, t
     assert cli("down", "--purge").returncode == 0
     assert services.read_state(home) is None
     assert not Path(server.datadir).exists()
+
+
+def test_tree_peak_sees_a_child_that_holds_memory() -> None:
+    """A process holding 200 MB for a second: its tree's sampled peak passes 200 MB, its parent's is small."""
+    import subprocess
+    import sys
+
+    from components.core.processes import TreePeak, tree_rss
+
+    hold = "import time; x = b'\\x01' * (200 << 20); time.sleep(1.0)"
+    with subprocess.Popen([sys.executable, "-c", hold]) as proc, TreePeak(proc.pid, interval=0.05) as peak:
+        proc.wait()
+    assert peak.peak_bytes is not None and peak.peak_bytes > 200 << 20
+    small = "import time; time.sleep(0.5)"
+    with subprocess.Popen([sys.executable, "-c", small]) as proc, TreePeak(proc.pid, interval=0.05) as quiet:
+        proc.wait()
+    assert quiet.peak_bytes is not None and quiet.peak_bytes < 100 << 20
+    assert tree_rss(proc.pid) == 0  # gone: nothing left to count
