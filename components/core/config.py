@@ -333,8 +333,9 @@ class MetarecConfig(_Strict):
     # Text terms score every item; false: only items without interactions (cold ones, and warm ones
     # while item dropout hides them), leaving warm items to channels and ID factors.
     text_warm: bool = True
-    # A learned bias per item-metadata value (``kg.item_fields``: genre, release year), which a new
-    # item has on arrival: the popularity prior of cold items beyond what their text embedding says.
+    # A learned bias per item-metadata value (``kg.item_fields`` and ``optional_item_fields``: genre,
+    # release year), which a new item has on arrival: the popularity prior of cold items beyond what
+    # their text embedding says.
     # Cold validation recall@20 0.286 -> 0.292, warm validation NDCG@10 0.1854 -> 0.1848 (5/3 seeds).
     attribute_bias: bool = True
     # How each user's channel weights are set: ``learned`` from the user's text vector by a free linear
@@ -381,7 +382,7 @@ class EvalConfig(_Strict):
     cold_fraction: float = Field(default=0.1, ge=0, lt=1)
     # The cold protocol fine-tunes the encoder again on the reduced training part (about 100 s on
     # 2 cores for ml-100k, cached per cold draw): the encode stage's adapter learnt from the cold items'
-    # own interactions, so reusing its embeddings flatters cold figures. false: reuse them (faster).
+    # own interactions, which cold figures must not rest on. false: reuse them (faster).
     cold_finetune: bool = True
 
     @model_validator(mode="after")
