@@ -77,17 +77,23 @@ def _stage_env(parent_run_id: str | None = None, error_file: Path | None = None)
 
 
 def _dvc(
-    workspace: Path,
-    *args: str,
-    parent_run_id: str | None = None,
-    error_file: Path | None = None,
-    peaks: list[int | None] | None = None,
+    workspace: Path, *args: str, parent_run_id: str | None = None, error_file: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run DVC in ``workspace``; with ``peaks``, append the peak RSS in bytes of its process tree."""
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        env=_stage_env(parent_run_id, error_file),
+    )
+
+
+def _dvc_measured(
+    workspace: Path, *args: str, parent_run_id: str | None = None, error_file: Path | None = None
+) -> tuple[subprocess.CompletedProcess[str], int | None]:
+    """:func:`_dvc`, plus the peak RSS in bytes of DVC's process tree (None where unmeasurable)."""
     cmd = [sys.executable, "-m", "dvc", *args]
     env = _stage_env(parent_run_id, error_file)
-    if peaks is None:
-        return subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, env=env)
     with (
         subprocess.Popen(
             cmd, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -95,8 +101,7 @@ def _dvc(
         TreePeak(proc.pid) as peak,
     ):
         out, err = proc.communicate()
-    peaks.append(peak.peak_bytes)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peak.peak_bytes
 
 
 def prepare_workspace(workspace: Path, overrides: list[str] | None = None) -> Config:
@@ -231,17 +236,10 @@ def repro_stage(
         return StageOutcome(stage, False, time.perf_counter() - start, f"Stage '{stage}' didn't change")
     if on_start is not None:
         on_start()
-    peaks: list[int | None] = []
     with tempfile.TemporaryDirectory(prefix="metarec-stage-") as tmp:
         report = Path(tmp) / "error.txt"
-        proc = _dvc(
-            Path(workspace),
-            "repro",
-            "--single-item",
-            stage,
-            parent_run_id=parent_run_id,
-            error_file=report,
-            peaks=peaks,
+        proc, peak = _dvc_measured(
+            Path(workspace), "repro", "--single-item", stage, parent_run_id=parent_run_id, error_file=report
         )
         reported = report.read_text(encoding="utf-8").strip() if report.exists() else ""
     log = (proc.stdout + proc.stderr).strip()
@@ -256,7 +254,7 @@ def repro_stage(
     skipped = "didn't change, skipping" in log
     # DVC's run cache restores outputs of a deps+params combination it has run before.
     restored = "is cached - skipping run" in log
-    peak_mb = None if peaks[0] is None else peaks[0] / 2**20
+    peak_mb = None if peak is None else peak / 2**20
     return StageOutcome(stage, not skipped, time.perf_counter() - start, log, restored, peak_mb)
 
 

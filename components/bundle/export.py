@@ -353,9 +353,7 @@ def load_encoder_parts(paths: Paths, cfg: Config) -> EncoderParts:
         )
     _, _, items, _ = ingest.read_processed(paths.processed)
     graph = kg.load_graph(paths.graph)
-    cache = EmbeddingCache(
-        Path(text.cache_dir) if text.cache_dir else paths.root / ".cache" / "text-embeddings"
-    )
+    cache = EmbeddingCache.for_workspace(paths.root, text.cache_dir)
     texts, reference = features.encode_items(
         encoder,
         items,

@@ -160,11 +160,13 @@ def log_run_summary(workspace: Path, metrics: dict[str, Any], outcomes: list[dic
     mlflow.set_tag("metarec.stages_run", ",".join(o["stage"] for o in outcomes if o["ran"]) or "none")
     mlflow.set_tag("metarec.stages_skipped", ",".join(o["stage"] for o in outcomes if not o["ran"]) or "none")
     # Time and peak memory of each stage that ran: the growth curve across dataset sizes (issue 17).
-    for o in outcomes:
-        if o["ran"]:
-            mlflow.log_metric(f"stage.{o['stage']}.seconds", float(o["seconds"]))
-            if o.get("peak_rss_mb") is not None:
-                mlflow.log_metric(f"stage.{o['stage']}.peak_rss_mb", float(o["peak_rss_mb"]))
+    stages = {f"stage.{o['stage']}.seconds": float(o["seconds"]) for o in outcomes if o["ran"]}
+    stages |= {
+        f"stage.{o['stage']}.peak_rss_mb": float(o["peak_rss_mb"])
+        for o in outcomes
+        if o["ran"] and o.get("peak_rss_mb") is not None
+    }
+    mlflow.log_metrics(stages)
     log_data_version(workspace)
     # The stage runs hold these too, but a stage DVC skipped has no run this time: keep the parent
     # run self-explanatory either way.

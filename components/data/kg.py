@@ -170,15 +170,10 @@ def build_graph(
             except ValueError as exc:
                 raise GraphError(f"kg: user attribute 'age' must be numeric to bucket it ({exc})") from None
         _add_attribute(graph, users, "user", column, type_name, "user", split_tokens=False)
-    for column, type_name in item_fields.items():
-        _add_attribute(graph, items, "item", column, type_name, "item", split_tokens=True)
-    skipped = []
-    for column, type_name in (optional_item_fields or {}).items():
-        if column in item_fields:
-            continue  # already required
-        if column not in items:
-            skipped.append(column)
-            continue
+    optional = {c: t for c, t in (optional_item_fields or {}).items() if c not in item_fields}
+    skipped = [column for column in optional if column not in items]
+    present = {c: t for c, t in optional.items() if c not in skipped}
+    for column, type_name in {**item_fields, **present}.items():
         _add_attribute(graph, items, "item", column, type_name, "item", split_tokens=True)
 
     report = _add_kg(graph, items, kg, type_names)

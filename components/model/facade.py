@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # torch: these load only when a model is fitted
     from components.baselines import Recommender
     from components.model.fit import FitData
     from components.model.recommender import MetarecRecommender
-    from components.text.encoder import EmbeddingCache
     from components.text.retune import Retuned
 
 
@@ -77,7 +76,7 @@ def fit_data(paths: Paths, cfg: Config, frozen: bool = False) -> FitData:
 
 def text_encoder(paths: Paths, cfg: Config, adapter: Path | None) -> Callable[[list[str]], np.ndarray]:
     """Embed texts with the workspace's encoder (``adapter``: fine-tuned), loaded on first use, cached."""
-    from components.text.encoder import Encoder, encode_cached, resolve_model
+    from components.text.encoder import EmbeddingCache, Encoder, encode_cached, resolve_model
 
     text = cfg.text
     loaded: list[Encoder] = []
@@ -86,23 +85,15 @@ def text_encoder(paths: Paths, cfg: Config, adapter: Path | None) -> Callable[[l
         if not loaded:
             ref = resolve_model(text.model)
             loaded.append(Encoder(ref, text.max_length, text.batch_size, text.threads, adapter_dir=adapter))
-        return encode_cached(loaded[0], texts, embedding_cache(paths, cfg))[0]
+        return encode_cached(loaded[0], texts, EmbeddingCache.for_workspace(paths.root, text.cache_dir))[0]
 
     return encode
-
-
-def embedding_cache(paths: Paths, cfg: Config) -> EmbeddingCache:
-    """The workspace's text-embedding cache (``text.cache_dir`` or ``<workspace>/.cache/text-embeddings``)."""
-    from components.text.encoder import EmbeddingCache
-
-    directory = cfg.text.cache_dir
-    return EmbeddingCache(Path(directory) if directory else paths.root / ".cache" / "text-embeddings")
 
 
 def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame) -> Retuned:
     """Embeddings from the encoder fine-tuned on ``train`` alone (see :mod:`components.text.retune`)."""
     from components.data import ingest, kg
-    from components.text.encoder import resolve_model
+    from components.text.encoder import EmbeddingCache, resolve_model
     from components.text.retune import retuned_embeddings
 
     _, users, items, _ = ingest.read_processed(paths.processed)
@@ -115,7 +106,7 @@ def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame) -> Retuned:
         cfg.text,
         cfg.seed,
         paths.root / ".cache" / "retuned-adapters",
-        embedding_cache(paths, cfg),
+        EmbeddingCache.for_workspace(paths.root, cfg.text.cache_dir),
     )
 
 
@@ -192,15 +183,17 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
     data = loaded.data
     cold = coldstart.cold_item_split(data.train, data.valid, data.test, cfg.eval.cold_fraction, cfg.seed)
     model, _ = fit_configured(paths, cfg, train=cold.train, cold_items=cold.cold_items, frozen=frozen)
-    result = coldstart.evaluate_cold(
-        lambda block: model.score(block, history=cold.train), cold, cfg.eval.ks, seed=cfg.seed
-    )
+
+    def scores(block: np.ndarray) -> np.ndarray:
+        return model.score(block, history=cold.train)
+
+    result = coldstart.evaluate_cold(scores, cold, cfg.eval.ks, seed=cfg.seed)
     # The same ranking task with the cold items' validation interactions as truth: what settings
     # aimed at cold items are chosen on (test is read once per final configuration).
     on_valid: dict[str, Any] = {}
     if data.valid[:, cold.cold_items].nnz:  # tiny datasets may have no validation user on a cold item
         on_valid = coldstart.evaluate_cold(
-            lambda block: model.score(block, history=cold.train),
+            scores,
             coldstart.ColdSplit(cold.train, cold.valid, data.valid, cold.cold_items),
             cfg.eval.ks,
             seed=cfg.seed,

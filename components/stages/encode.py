@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -40,9 +39,7 @@ def run(paths: Paths, cfg: Config) -> None:
         _, users, items, _ = ingest.read_processed(paths.processed)
         graph = kg.load_graph(paths.graph)
         parts = split.load_split(paths.split)
-        cache = EmbeddingCache(
-            Path(text.cache_dir) if text.cache_dir else paths.root / ".cache" / "text-embeddings"
-        )
+        cache = EmbeddingCache.for_workspace(paths.root, text.cache_dir)
         ref = resolve_model(text.model)
         mlflow.set_tags({"metarec.text.model": ref.name, "metarec.text.model_fingerprint": ref.fingerprint})
         verbalise = {"max_titles": text.max_titles, "max_shared": text.max_shared}

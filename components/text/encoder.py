@@ -428,6 +428,11 @@ class EmbeddingCache:
         self._loaded: dict[str, dict[str, np.ndarray]] = {}
         self._shards: dict[str, set[str]] = {}
 
+    @classmethod
+    def for_workspace(cls, root: Path, cache_dir: str = "") -> EmbeddingCache:
+        """A workspace's cache: ``text.cache_dir`` when set, else ``<workspace>/.cache/text-embeddings``."""
+        return cls(Path(cache_dir) if cache_dir else Path(root) / ".cache" / "text-embeddings")
+
     def namespace(self, fingerprint: str, max_length: int) -> Path:
         """Folder holding the shards of one model fingerprint and max_length."""
         key = hashlib.sha256(f"{fingerprint}\0{max_length}".encode()).hexdigest()[:24]

@@ -18,7 +18,8 @@ from components.text.encoder import EmbeddingCache, Encoder, encode_cached
 from components.text.verbalise import DEFAULT_ITEM_TEMPLATE, DEFAULT_USER_TEMPLATE, item_texts, user_texts
 
 
-def _encode(encoder: Encoder, texts: list[str], cache: EmbeddingCache | None) -> np.ndarray:
+def encode_texts(encoder: Encoder, texts: list[str], cache: EmbeddingCache | None) -> np.ndarray:
+    """Embed ``texts`` (through ``cache`` when given)."""
     if cache is None:
         return encoder.encode(texts)
     return encode_cached(encoder, texts, cache)[0]
@@ -48,7 +49,7 @@ def encode_items(
         The texts and their embeddings (float32, unit rows), in row order.
     """
     texts = item_texts(items, graph, template, max_facts, **verbalise)
-    return texts, _encode(encoder, texts, cache)
+    return texts, encode_texts(encoder, texts, cache)
 
 
 def encode_users(
@@ -62,7 +63,7 @@ def encode_users(
 ) -> tuple[list[str], np.ndarray]:
     """Verbalise and embed users from demographics and recent training items (none for a new user)."""
     texts = user_texts(users, train, items, n_recent, template)
-    return texts, _encode(encoder, texts, cache)
+    return texts, encode_texts(encoder, texts, cache)
 
 
 def save_embeddings(dest: Path, ids: list[str], vectors: np.ndarray, meta: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -94,7 +93,6 @@ def retuned_embeddings(
         adapters: Cache folder of adapters.
         cache: Embedding cache (entries are keyed by the adapter's fingerprint).
     """
-    verbalise: dict[str, Any] = {"max_titles": text.max_titles, "max_shared": text.max_shared}
     texts = item_texts(
         items,
         graph,
@@ -112,9 +110,7 @@ def retuned_embeddings(
         with atomic_dir(home) as tmp:
             finetune(ref, pair_set, cfg, tmp, threads=text.threads)
     encoder = Encoder(ref, text.max_length, text.batch_size, text.threads, adapter_dir=home / ADAPTER)
-    _, item_vectors = features.encode_items(
-        encoder, items, graph, text.item_template, text.max_facts, cache, **verbalise
-    )
+    item_vectors = features.encode_texts(encoder, texts, cache)
     # Profiles without watched titles, as the encode stage saves them.
     _, profile_vectors = features.encode_users(
         encoder, users, train.iloc[:0], items, text.n_recent, text.user_template, cache
