@@ -42,7 +42,8 @@ VARIANTS = (
     Variant(
         "metarec",
         "metarec",
-        note="full model: mined + KG content paths, popularity and EASE channels, text, IDs, fine-tuned",
+        note="full model: mined + KG content paths, popularity and EASE channels with gates from fine-tuned "
+        "text, metadata bias, IDs",
     ),
     Variant(
         "metarec-no-mined-paths",
@@ -59,9 +60,14 @@ VARIANTS = (
         "metarec-no-channels",
         "metarec",
         {"use_paths": False},
-        note="without any channel (mined + content paths, popularity, EASE): text and ID terms only",
+        note="without any channel (mined + content paths, popularity, EASE): metadata and ID terms only",
     ),
-    Variant("metarec-no-text", "metarec", {"use_text": False}, note="without text terms"),
+    Variant(
+        "metarec-with-text",
+        "metarec",
+        {"use_text": True},
+        note="with the bilinear text term and text bias (off by default)",
+    ),
     Variant("metarec-no-ids", "metarec", {"use_ids": False}, note="without item-ID factors"),
     Variant("metarec-frozen-text", "metarec", frozen_text=True, note="frozen (not fine-tuned) encoder"),
     Variant(

@@ -24,7 +24,7 @@ EXPECTED_VARIANTS = [
     "metarec-no-popularity",
     "metarec-no-ease",
     "metarec-no-channels",
-    "metarec-no-text",
+    "metarec-with-text",
     "metarec-no-ids",
     "metarec-frozen-text",
     "metarec-no-attribute-bias",
@@ -40,12 +40,12 @@ EXPECTED_VARIANTS = [
 
 def test_variant_config_flips_one_switch() -> None:
     cfg = Config()
-    no_text = next(v for v in VARIANTS if v.name == "metarec-no-text")
-    changed = variant_config(cfg, no_text)
-    assert changed.model.name == "metarec" and changed.model.metarec.use_text is False
+    with_text = next(v for v in VARIANTS if v.name == "metarec-with-text")
+    changed = variant_config(cfg, with_text)
+    assert changed.model.name == "metarec" and changed.model.metarec.use_text is True
     assert changed.model.metarec.use_paths and changed.model.metarec.use_ids
     assert variant_config(cfg, Variant("pop", "pop")).model.name == "pop"
-    assert cfg.model.metarec.use_text is True  # the base config is not mutated
+    assert cfg.model.metarec.use_text is False  # the base config is not mutated
 
 
 def test_variants_remove_one_part_each() -> None:
