@@ -27,17 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from components.core.config import Config, MineConfig, SplitConfig  # noqa: E402
 from components.data import fetch, ingest, kg, split  # noqa: E402
-from components.data.synthetic import SyntheticSpec, generate  # noqa: E402
+from components.data.synthetic import SIZES, generate  # noqa: E402
 from components.metapaths import mining  # noqa: E402
 from components.metapaths.counting import Counter  # noqa: E402
 from components.metapaths.schema import Metapath, enumerate_metapaths  # noqa: E402
-
-SIZES = {
-    # users, items, entities, interactions, triples — "large" is the target size.
-    "small": SyntheticSpec(10_000, 2_000, 20_000, 8, 500_000, 200_000, seed=1),
-    "medium": SyntheticSpec(30_000, 6_000, 60_000, 8, 1_500_000, 600_000, seed=1),
-    "large": SyntheticSpec(100_000, 20_000, 200_000, 8, 5_000_000, 2_000_000, seed=1),
-}
 
 
 def peak_rss_mb() -> float:

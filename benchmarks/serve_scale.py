@@ -37,10 +37,10 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from metapath_mining import SIZES, prepare  # noqa: E402
+from metapath_mining import prepare  # noqa: E402
 
 from components.data.kg import save_graph  # noqa: E402
-from components.data.synthetic import generate  # noqa: E402
+from components.data.synthetic import SIZES, generate  # noqa: E402
 
 TEXT_DIM = 384
 

@@ -314,6 +314,11 @@ class MetarecConfig(_Strict):
     # kept as its sparse relation chain: same features, memory linear in the graph's edges (a 20k-item
     # catalogue makes 1.6 GB per dense channel). ml-100k's channels (11 MB each) all stay dense.
     dense_suffix_mb: float = Field(default=256.0, ge=0)
+    # The fit part's features (users × channels × items × 4 bytes) are computed once when they take at
+    # most this much, else per batch in every epoch: the same values, memory linear in the catalogue
+    # instead of users × items (64 GB at 100k users × 20k items × 8 channels), more time per epoch.
+    # ml-100k's take 70 MB.
+    feature_cache_mb: float = Field(default=2048.0, ge=0)
     rank: int = Field(default=64, gt=0)
     # An upper bound: early stopping after ``patience`` epochs without validation gain usually ends sooner.
     epochs: int = Field(default=60, gt=0)

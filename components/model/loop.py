@@ -53,6 +53,7 @@ class TrainConfig:
     text_to_id: bool
     text_warm: bool
     gates: str
+    feature_cache_mb: float
     eval_metric: str  # early-stopping metric (the pipeline's eval.primary), computed on validation each epoch
     seed: int
     threads: int
@@ -164,8 +165,12 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
     users = np.flatnonzero(np.diff(inputs.targets.indptr) > 0)
     if len(users) == 0:
         raise ValueError("no user has held-out training interactions; nothing to fit")
-    # Features of the fit part do not change during training: compute them once.
-    fit_feats = inputs.fit_bank.rows(inputs.history, np.arange(inputs.history.shape[0]))
+    # Features of the fit part do not change during training: computed once if they fit the budget,
+    # else per batch (row by row the same values, so the same fit; tested).
+    n_fit_users = inputs.history.shape[0]
+    cache_bytes = n_fit_users * len(inputs.fit_bank.channels) * net_cfg.n_items * 4
+    cached = cache_bytes <= cfg.feature_cache_mb * 2**20
+    fit_feats = inputs.fit_bank.rows(inputs.history, np.arange(n_fit_users)) if cached else None
     collaborative = torch.from_numpy(inputs.fit_bank.collaborative)
     warm = torch.from_numpy(inputs.warm.astype(np.float32))
     metric_name, _, k_text = cfg.eval_metric.partition("@")
@@ -185,7 +190,12 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
         for lo in range(0, len(order), cfg.batch_users):
             batch = order[lo : lo + cfg.batch_users]
             history = _dense(inputs.history[batch])
-            feats = torch.from_numpy(fit_feats[batch])
+            rows = (
+                fit_feats[batch]
+                if fit_feats is not None
+                else inputs.fit_bank.rows(inputs.history[batch], batch)
+            )
+            feats = torch.from_numpy(rows)
             batch_warm = warm
             if cfg.item_dropout > 0:
                 dropped = torch.from_numpy(rng.random(len(warm)) < cfg.item_dropout)
@@ -233,5 +243,6 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
         "curve": curve,
         "fit_users": int(len(users)),
         "fit_targets": int(inputs.targets.nnz),
+        "features_cached": cached,
     }
     return net, summary

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import POP_OVERRIDES
 
 from components import pipeline
 from components.core import tracking
@@ -73,7 +74,7 @@ def ws(
     tmp_path_factory: pytest.TempPathFactory, tiny_overrides: list[str], checkout_before: set[str]
 ) -> Workspace:
     path = tmp_path_factory.mktemp("pipeline") / "ws"
-    overrides = [*tiny_overrides, "model.name=pop"]
+    overrides = [*tiny_overrides, *POP_OVERRIDES]
     first = training(workspace=str(path), overrides=overrides)
     workspace = Workspace(path, overrides, first)
     workspace.mtimes = {rel: workspace.mtime(rel) for rel in WATCHED}

@@ -39,7 +39,10 @@ TEXT_DIM = 8
 N_USERS, N_ITEMS = 60, 40
 COLD_ITEM = 0  # never interacted with in the random dataset
 SMALL = TrainConfig.from_section(
-    MetarecConfig(epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25), seed=0, eval_metric="ndcg@10"
+    # The text term is off by default (validation); on here so the tests exercise every part.
+    MetarecConfig(epochs=6, patience=100, rank=8, batch_users=32, holdout=0.25, use_text=True),
+    seed=0,
+    eval_metric="ndcg@10",
 )
 
 
@@ -354,6 +357,19 @@ def test_training_is_deterministic() -> None:
         assert torch.equal(a[key], b[key]), key
     third, _ = train(inputs, replace(cfg, seed=1))
     assert not torch.equal(third.state_dict()["text_item"], a["text_item"])
+
+
+def test_features_per_batch_train_the_same_model() -> None:
+    """Above ``feature_cache_mb`` the fit features are made per batch: the same values, the same fit."""
+    _, inputs = random_inputs(seed=5)
+    cfg = replace(SMALL, epochs=3)
+    cached, cached_summary = train(inputs, cfg)
+    streamed, streamed_summary = train(inputs, replace(cfg, feature_cache_mb=0))
+    assert streamed_summary["features_cached"] is False and cached_summary["features_cached"] is True
+    a, b = cached.state_dict(), streamed.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in streamed_summary["curve"]] == [r["loss"] for r in cached_summary["curve"]]
 
 
 # ---------------------------------------------------------------- recommender
