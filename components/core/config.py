@@ -306,6 +306,11 @@ class MetarecConfig(_Strict):
     # L2 of an EASE item–item channel (a learned user–item–user–item path); None leaves it out.
     # Validation NDCG@10 on ml-100k: 0.168 without, 0.176 with l2=100, 0.185 with 200 at holdout 0.3.
     ease_l2: float | None = Field(default=200.0, gt=0)
+    # EASE inverts a dense items × items Gram matrix (memory n², time n³: 10 GB and an hour at 20k
+    # items). Above this many items it is solved on the most-interacted ones only and kept as a sparse
+    # chain, so its cost stops growing with the catalogue; the other items get no EASE score. ml-100k's
+    # 1,682 items are all in.
+    ease_max_items: int = Field(default=5000, gt=0)
     # Latest share of each user's training interactions the fusion learns to predict (features come
     # from the earlier part, so no training positive reaches itself through its own edge). 0.1 left
     # too few targets (valid NDCG@10 0.147), 0.3 beat 0.2 (0.174 vs 0.168).

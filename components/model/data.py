@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from components.data.kg import INTERACTED, HeteroGraph
 from components.metapaths.schema import Metapath, parse
-from components.model.features import DENSE_BUDGET_BYTES, FeatureBank, build_bank
+from components.model.features import DENSE_BUDGET_BYTES, EASE_MAX_ITEMS, FeatureBank, build_bank
 from components.model.loop import FusionInputs, temporal_holdout
 
 
@@ -58,6 +58,7 @@ def assemble(
     age_buckets: list[int] | None = None,
     dense_budget_bytes: int = DENSE_BUDGET_BYTES,
     popularity: bool = True,
+    ease_max_items: int = EASE_MAX_ITEMS,
 ) -> FusionInputs:
     """Build :class:`FusionInputs`: the temporal holdout cut and a feature bank for each side."""
     n_users, n_items = train_matrix.shape
@@ -74,6 +75,7 @@ def assemble(
             age_buckets,
             dense_budget_bytes,
             popularity=popularity,
+            ease_max_items=ease_max_items,
         )
 
     return FusionInputs(

@@ -30,6 +30,8 @@ from components.metapaths.schema import Metapath
 
 #: Dense suffixes up to this size (256 MiB: ml-100k's 1682 items take 11 MB); larger ones stay factored.
 DENSE_BUDGET_BYTES = 256 << 20
+#: Items an EASE channel covers at most (``model.metarec.ease_max_items``; see :func:`ease_suffix`).
+EASE_MAX_ITEMS = 5000
 HISTORY = "history"
 CONSTANT = "constant"
 FEATURES_JSON = "features.json"
@@ -319,6 +321,24 @@ def popularity_row(train: sp.csr_matrix) -> np.ndarray:
     return (np.log1p(counts) / top).astype(np.float32)[None, :]
 
 
+def ease_suffix(train: sp.csr_matrix, l2: float, max_items: int) -> np.ndarray | Factors:
+    """The EASE channel's suffix: the dense weights up to ``max_items`` items, else a bounded chain.
+
+    Beyond ``max_items`` EASE is fitted on the ``max_items`` most interacted items alone and kept as
+    ``pick · B · pickᵀ`` (``pick`` the items × chosen selection): memory and solve time depend on
+    ``max_items``, not on the catalogue, and the other items score zero on this channel.
+    """
+    n_items = train.shape[1]
+    if n_items <= max_items:
+        return ease_matrix(train, l2)
+    counts = np.asarray(train.sum(axis=0)).ravel()
+    chosen = np.sort(np.argsort(-counts, kind="stable")[:max_items])
+    weights = ease_matrix(sp.csr_matrix(train[:, chosen]), l2)
+    ones = np.ones(len(chosen), dtype=np.float32)
+    pick = sp.csr_matrix((ones, (chosen, np.arange(len(chosen)))), shape=(n_items, len(chosen)))
+    return Factors([pick, sp.csr_matrix(weights), sp.csr_matrix(pick.T)])
+
+
 def build_bank(
     graph: HeteroGraph,
     train: sp.csr_matrix,
@@ -329,6 +349,7 @@ def build_bank(
     age_buckets: list[int] | None = None,
     dense_budget_bytes: int = DENSE_BUDGET_BYTES,
     popularity: bool = True,
+    ease_max_items: int = EASE_MAX_ITEMS,
 ) -> FeatureBank:
     """Channels for ``paths`` on ``graph`` with ``train`` as its interactions, plus popularity/EASE.
 
@@ -343,6 +364,8 @@ def build_bank(
         dense_budget_bytes: A metapath channel whose dense suffix would take more than this is kept as
             its sparse chain (:class:`Factors`); at or below it, dense (faster to apply).
         popularity: Whether to add the item-popularity channel.
+        ease_max_items: Above this many items the EASE channel covers the most interacted ones only
+            (:func:`ease_suffix`).
 
     The bank may have no channel at all (no paths, no popularity, no EASE): the scorer then has
     text and ID terms only.
@@ -370,5 +393,5 @@ def build_bank(
     if popularity:
         channels.append(Channel("popularity", CONSTANT, popularity_row(train), "popularity"))
     if ease_l2 is not None:
-        channels.append(Channel("ease", HISTORY, ease_matrix(train, ease_l2), "ease"))
+        channels.append(Channel("ease", HISTORY, ease_suffix(train, ease_l2, ease_max_items), "ease"))
     return FeatureBank(channels, n_items, attributes, values, fields, list(age_buckets or []))

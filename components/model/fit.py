@@ -142,6 +142,7 @@ def fit(
         age_buckets,
         int(mcfg.dense_suffix_mb * (1 << 20)),
         popularity=mcfg.use_popularity,
+        ease_max_items=mcfg.ease_max_items,
     )
     if mcfg.attribute_bias:
         inputs.item_attributes = item_attributes(data.graph)

@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from components.baselines import ease_matrix
 from components.core.config import MetarecConfig
 from components.data.kg import INTERACTED, HeteroGraph, Relation, binary_matrix, with_interactions
 from components.evaluation.metrics import compute_metrics
@@ -225,6 +226,30 @@ def test_factored_channels_equal_dense_ones_and_survive_save_load(weighting: str
         assert not isinstance(suffix, np.ndarray)
         np.testing.assert_allclose(suffix.dense(), dense.channels[c].suffix, rtol=1e-5, atol=1e-7)
         assert suffix.nbytes > 0, path.id
+
+
+def test_ease_channel_over_its_item_cap_is_the_top_items_ease_and_survives_save_load(tmp_path: Path) -> None:
+    """Beyond ``ease_max_items`` EASE is the most-interacted items' own EASE; other items score zero."""
+    rng = np.random.default_rng(4)
+    n_users, n_items, cap = 50, 30, 12
+    graph = make_graph(n_users, random_genres(n_items, rng), rng)
+    popularity = np.linspace(0.5, 0.05, n_items)[rng.permutation(n_items)]
+    train_matrix = sp.csr_matrix((rng.random((n_users, n_items)) < popularity[None, :]).astype(np.float32))
+    counts = np.asarray(train_matrix.sum(axis=0)).ravel()
+    assert len(set(counts.tolist())) > cap  # no tie decides which items are in
+    top = np.sort(np.argsort(-counts, kind="stable")[:cap])
+    whole = build_bank(graph, train_matrix, [], "pathsim", 0.5, 50.0, ease_max_items=n_items)
+    np.testing.assert_array_equal(whole.channels[-1].suffix, ease_matrix(train_matrix, 50.0))
+    capped = build_bank(graph, train_matrix, [], "pathsim", 0.5, 50.0, ease_max_items=cap)
+    capped.save(tmp_path)
+    for bank in (capped, FeatureBank.load(tmp_path)):
+        suffix = bank.channels[-1].suffix
+        assert not isinstance(suffix, np.ndarray) and suffix.nbytes < 4 * n_items * n_items
+        expected = np.zeros((n_items, n_items), dtype=np.float32)
+        expected[np.ix_(top, top)] = ease_matrix(sp.csr_matrix(train_matrix[:, top]), 50.0)
+        np.testing.assert_allclose(suffix.dense(), expected, rtol=1e-6, atol=1e-7)
+        scores = bank.rows(train_matrix, np.arange(n_users))[:, -1, :]
+        assert not scores[:, np.setdiff1d(np.arange(n_items), top)].any() and np.abs(scores).max() == 1.0
 
 
 def test_profile_attributes_map_known_and_unknown_values() -> None:
