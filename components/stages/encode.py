@@ -34,6 +34,7 @@ def run(paths: Paths, cfg: Config) -> None:
         from components.text import features, pairs, retune
         from components.text.encoder import EmbeddingCache, Encoder, resolve_model
         from components.text.finetune import FinetuneConfig, finetune, validation_signal
+        from components.text.verbalise import user_texts
 
         text = cfg.text
         _, users, items, _ = ingest.read_processed(paths.processed)
@@ -94,10 +95,6 @@ def run(paths: Paths, cfg: Config) -> None:
             item_texts, item_vectors = features.encode_items(
                 encoder, items, graph, text.item_template, text.max_facts, cache, **verbalise
             )
-            user_texts, user_vectors = features.encode_users(
-                encoder, users, parts.train, items, text.n_recent, text.user_template, cache
-            )
-            seconds = time.perf_counter() - start
             meta = {
                 "model": ref.name,
                 "fingerprint": encoder.fingerprint,
@@ -106,13 +103,13 @@ def run(paths: Paths, cfg: Config) -> None:
                 "dim": int(item_vectors.shape[1]),
             }
             features.save_embeddings(tmp / "items", list(items.item_id.astype(str)), item_vectors, meta)
-            features.save_embeddings(tmp / "users", list(users.user_id.astype(str)), user_vectors, meta)
             # Profile-only texts (no watched titles): what the model knows of a user before any
             # history, and the only user text that cannot leak the items the model learns to predict.
             _, profile_vectors = features.encode_users(
                 encoder, users, parts.train.iloc[:0], items, text.n_recent, text.user_template, cache
             )
             features.save_embeddings(tmp / "profiles", list(users.user_id.astype(str)), profile_vectors, meta)
+            seconds = time.perf_counter() - start
             if adapter_dir is not None:
                 # The frozen encoder's vectors (cache hits) for the frozen-vs-fine-tuned ablation.
                 _, frozen_items = features.encode_items(
@@ -127,7 +124,11 @@ def run(paths: Paths, cfg: Config) -> None:
                 user_ids = list(users.user_id.astype(str))
                 features.save_embeddings(tmp / "frozen" / "profiles", user_ids, frozen_profiles, frozen_meta)
             save_json(tmp / "validation_signal.json", signals)
-        mlflow.log_text("\n".join(user_texts[:25]), "text_samples/users.txt")
+        # Users' history texts are what fine-tuning aligns with items; the model itself reads a user's
+        # history through the item vectors (x̄_u) and the profile, so they are shown, not encoded
+        # (100k of them would take ~25 min on 2 cores).
+        sample = user_texts(users.head(25), parts.train, items, text.n_recent, text.user_template)
+        mlflow.log_text("\n".join(sample), "text_samples/users.txt")
         mlflow.log_metric("text.encode_seconds", seconds)
         for name, values in signals.items():
             mlflow.log_metrics(
