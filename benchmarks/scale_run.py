@@ -10,7 +10,8 @@ Each size (``SIZES`` in components/data/synthetic.py: small 10k users x 2k items
 empty workspace ``<workdir>/ws-<size>`` in a child process: ingest through export, register and gate,
 exactly as a user's run. The stage figures are the run's own (each stage's wall time and the peak RSS of
 its process tree, as the training flow logs them to MLflow as ``stage.<name>.*``); this script adds the
-whole run's wall and peak and, if the run registered a champion, ``metarec serve`` on it: seconds until
+whole run's wall and peak (which includes the local Prefect server when the run starts one) and, if the
+run made a champion, ``metarec serve`` on it: seconds until
 ``/ready`` answers, the server's RSS, and 50 keep-alive GETs of one user's top-10 with explanations.
 
 A stage that fails (out of memory, a wall) ends the run; the result records which stage and its error,
@@ -32,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,7 +56,10 @@ def stage_figures(log: str) -> tuple[list[dict[str, Any]], str | None]:
     for line in log.splitlines():
         if m := STAGE_DONE.search(line):
             peak = None if m.group(3) is None else float(m.group(3).replace(",", ""))
-            done.append({"stage": m.group(1), "seconds": float(m.group(2)), "peak_rss_mb": peak})
+            restored = "restored" in m.group(0)
+            done.append(
+                {"stage": m.group(1), "seconds": float(m.group(2)), "peak_rss_mb": peak, "restored": restored}
+            )
         elif m := STAGE_START.search(line):
             started.append(m.group(1))
     finished = {d["stage"] for d in done}
@@ -94,9 +99,12 @@ def run_pipeline(size: str, workdir: Path, overrides: list[str]) -> dict[str, An
         "wall_seconds": round(wall, 1),
         "peak_rss_mb": None if peak.peak_bytes is None else round(peak.peak_bytes / 2**20),
         "stages": stages,
-        "failed_stage": failed if returncode else None,
+        # A run can also fail outside any stage (configuration, the Prefect API, registration).
+        "failed_stage": (failed or "(outside a stage)") if returncode else None,
         "error": _error_tail(text) if returncode else None,
         "registered": "registered version" in text,
+        # Serving needs a champion; the first version can still fail the gate's absolute floors.
+        "champion": "promoted to champion" in text,
         "cpus": os.cpu_count(),
     }
     return out
@@ -111,8 +119,10 @@ def measure_serving(ws: Path, requests: int = 50, ready_timeout: float = 900.0) 
     """``metarec serve`` on the workspace's champion: start-up, RSS, keep-alive latency of one user."""
     import pandas as pd
 
-    user = str(pd.read_parquet(ws / "data" / "processed" / "users.parquet").user_id.iloc[0])
+    user = quote(str(pd.read_parquet(ws / "data" / "processed" / "users.parquet").user_id.iloc[0]), safe="")
     port = free_port()
+    if port is None:
+        return {"error": "no free port on 127.0.0.1"}
     cmd = [METAREC, "serve", "--workspace", str(ws), "--port", str(port)]
     log = open(ws / "serve-scale.log", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -124,28 +134,35 @@ def measure_serving(ws: Path, requests: int = 50, ready_timeout: float = 900.0) 
                 return {"error": f"metarec serve exited {proc.returncode} (see {log.name})"}
             if time.perf_counter() - start > ready_timeout:
                 return {"error": f"not ready after {ready_timeout:.0f}s"}
+            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/ready")
-                if conn.getresponse().status == 200:
+                probe.request("GET", "/ready")
+                if probe.getresponse().status == 200:
                     break
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 pass
+            finally:
+                probe.close()
             time.sleep(0.5)
         out["ready_seconds"] = round(time.perf_counter() - start, 1)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # one keep-alive connection
         times = []
-        for _ in range(requests):
-            t0 = time.perf_counter()
-            conn.request("GET", f"/recommendations/{user}?k=10")
-            resp = conn.getresponse()
-            resp.read()
-            times.append((time.perf_counter() - t0) * 1000)
-            if resp.status != 200:
-                return out | {"error": f"GET /recommendations/{user}: HTTP {resp.status}"}
+        try:
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                conn.request("GET", f"/recommendations/{user}?k=10")
+                resp = conn.getresponse()
+                resp.read()
+                times.append((time.perf_counter() - t0) * 1000)
+                if resp.status != 200:
+                    return out | {"error": f"GET /recommendations/{user}: HTTP {resp.status}"}
+        except (OSError, http.client.HTTPException) as err:
+            return out | {"error": f"GET /recommendations/{user}: {err!r}"}
+        finally:
+            conn.close()
         # The first request ranks the user; the server remembers the list for the later ones.
         out["first_ms"] = round(times[0], 1)
-        out["p50_ms"] = round(sorted(times)[len(times) // 2], 2)
+        out["later_p50_ms"] = round(sorted(times[1:])[len(times[1:]) // 2], 2) if len(times) > 1 else None
         out["rss_mb"] = round((tree_rss(proc.pid) or 0) / 2**20)
         return out
     finally:
@@ -180,8 +197,10 @@ def report(workdir: Path, plot: Path, tracking_uri: str | None) -> None:
         cells += [f"{r['wall_seconds']:.0f}", f"{r['peak_rss_mb']:,}" if r["peak_rss_mb"] else "—"]
     print("| whole `metarec run` | " + " | ".join(cells) + " |")
     for r in results:
-        if r.get("failed_stage"):
+        if r["returncode"]:
             print(f"\n{r['size']}: failed in {r['failed_stage']}:\n{r['error']}")
+        elif not r["stages"]:
+            print(f"\n{r['size']}: the run succeeded but its log has no stage lines (Prefect log level?)")
         if r.get("serving"):
             print(f"\n{r['size']} serving: {r['serving']}")
     _plot(results, stages, plot)
@@ -224,6 +243,7 @@ def _log_mlflow(results: list[dict[str, Any]], plot: Path, uri: str) -> None:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("metarec-scale")
+    # One run per size and report: a report after a new size adds a new set (the newest is complete).
     for r in results:
         with mlflow.start_run(run_name=f"scale-{r['size']}"):
             mlflow.log_params({**r["spec"], "overrides": " ".join(r["overrides"]) or "none"})
@@ -259,10 +279,11 @@ def main() -> None:
     if args.size is None:
         parser.error("--size or --report")
     result = run_pipeline(args.size, args.workdir, args.overrides)
-    if result["registered"] and not args.no_serve:
-        result["serving"] = measure_serving(args.workdir / f"ws-{args.size}")
     dest = args.workdir / f"scale-{args.size}.json"
-    dest.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    dest.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")  # kept if serving fails
+    if result["champion"] and not args.no_serve:
+        result["serving"] = measure_serving(args.workdir / f"ws-{args.size}")
+        dest.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
     print(f"-> {dest}")
 

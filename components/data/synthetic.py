@@ -52,6 +52,7 @@ SIZES = {
     "large": SyntheticSpec(100_000, 20_000, 200_000, 8, 5_000_000, 2_000_000, seed=1),
 }
 
+
 def _zipf_weights(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
     weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** exponent
     rng.shuffle(weights)  # hubs are not always the lowest ids
