@@ -205,7 +205,8 @@ def report(workdir: Path, plot: Path, tracking_uri: str | None) -> None:
             print(f"\n{r['size']} serving: {r['serving']}")
     _plot(results, stages, plot)
     print(f"\nplot: {plot}")
-    _log_mlflow(results, plot, tracking_uri or f"sqlite:///{workdir / 'scale-mlflow.db'}")
+    uri = tracking_uri or f"sqlite:///{workdir.resolve() / 'scale-mlflow.db'}"
+    _log_mlflow(results, plot, uri, (workdir.resolve() / "scale-artifacts").as_uri())
 
 
 def _plot(results: list[dict[str, Any]], stages: list[str], dest: Path) -> None:
@@ -238,10 +239,13 @@ def _plot(results: list[dict[str, Any]], stages: list[str], dest: Path) -> None:
     plt.close(fig)
 
 
-def _log_mlflow(results: list[dict[str, Any]], plot: Path, uri: str) -> None:
+def _log_mlflow(results: list[dict[str, Any]], plot: Path, uri: str, artifacts: str) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name("metarec-scale") is None:
+        # A database store's artifacts would otherwise land in ./mlruns of whatever the cwd is.
+        mlflow.create_experiment("metarec-scale", artifact_location=artifacts)
     mlflow.set_experiment("metarec-scale")
     # One run per size and report: a report after a new size adds a new set (the newest is complete).
     for r in results:
