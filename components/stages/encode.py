@@ -127,8 +127,8 @@ def run(paths: Paths, cfg: Config) -> None:
         # Users' history texts are what fine-tuning aligns with items; the model itself reads a user's
         # history through the item vectors (x̄_u) and the profile, so they are shown, not encoded
         # (100k of them would take ~25 min on 2 cores).
-        sample = user_texts(users.head(25), parts.train, items, text.n_recent, text.user_template)
-        mlflow.log_text("\n".join(sample), "text_samples/users.txt")
+        users_sample = user_texts(users.head(25), parts.train, items, text.n_recent, text.user_template)
+        mlflow.log_text("\n".join(users_sample), "text_samples/users.txt")
         mlflow.log_metric("text.encode_seconds", seconds)
         for name, values in signals.items():
             mlflow.log_metrics(
