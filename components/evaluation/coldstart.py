@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from components.core.parallel import Blocks
 from components.evaluation.metrics import compute_metrics
 from components.evaluation.ranking import PAD
 
@@ -149,7 +150,12 @@ def random_recall(n_cold: int, k: int) -> float:
 
 
 def evaluate_cold(
-    scores_fn: ScoresFn, cold: ColdSplit, ks: Iterable[int], block_size: int = 1024, seed: int = 0
+    scores_fn: ScoresFn,
+    cold: ColdSplit,
+    ks: Iterable[int],
+    block_size: int = 1024,
+    seed: int = 0,
+    blocks: Blocks | None = None,
 ) -> dict[str, Any]:
     """Rank only the cold items for every user with a cold test item and score the rankings.
 
@@ -166,6 +172,8 @@ def evaluate_cold(
         ks: Cut-offs; cut-offs above the number of cold items rank all of them.
         block_size: Users scored per call of ``scores_fn``.
         seed: Seed of the tie-breaking order.
+        blocks: Where the user blocks are scored (in order by default). The tie-breaking draws stay
+            in block order, so the result is the same anywhere.
 
     Returns:
         ``{"overall": compute_metrics(...), "n_users": int, "n_cold_items": int,
@@ -193,25 +201,19 @@ def evaluate_cold(
     if users.size == 0:
         raise ValueError("no user has a test interaction on a cold item; cannot evaluate")
 
-    def cold_scores(block: np.ndarray) -> np.ndarray:
-        scores = np.asarray(scores_fn(block))
-        if scores.ndim != 2 or scores.shape != (block.size, n_items):
-            raise ValueError(
-                f"scores_fn returned shape {scores.shape} for {block.size} users; "
-                f"expected ({block.size}, {n_items})"
-            )
-        return scores[:, cold_items]
-
     k_max = max(k_list)
     depth = min(k_max, n_cold)
-    blocks = []
-    for start in range(0, users.size, block_size):
-        scores = cold_scores(users[start : start + block_size])
-        # Ties fall in an independent random order per user: one shared order would make every
-        # user's ranking of a constant scorer the same draw, far from chance on average.
-        keys = rng.random(scores.shape)
-        blocks.append(np.lexsort((keys, -scores), axis=1)[:, :depth])
-    local = np.vstack(blocks)
+    runner = blocks or Blocks()
+    parts = [users[start : start + block_size] for start in range(0, users.size, block_size)]
+    wave = runner.workers if not runner.address else 8  # score blocks of one wave at once
+    ranked = []
+    for first in range(0, len(parts), wave):
+        for scores in runner.map(_cold_scores, (scores_fn, cold_items, n_items), parts[first : first + wave]):
+            # Ties fall in an independent random order per user: one shared order would make every
+            # user's ranking of a constant scorer the same draw, far from chance on average.
+            keys = rng.random(scores.shape)
+            ranked.append(np.lexsort((keys, -scores), axis=1)[:, :depth])
+    local = np.vstack(ranked)
     # Back to catalogue indices so the truth needs no re-indexing; PAD stays PAD.
     topk = np.where(local >= 0, cold_items[np.maximum(local, 0)], PAD)
     if k_max > n_cold:
@@ -224,3 +226,15 @@ def evaluate_cold(
     for k in dict.fromkeys(k_list):
         result[f"random_recall@{k}"] = random_recall(n_cold, k)
     return result
+
+
+def _cold_scores(shared: tuple[ScoresFn, np.ndarray, int], block: np.ndarray) -> np.ndarray:
+    """One block's scores of the cold items (module level: a Dask cluster ships it by name)."""
+    scores_fn, cold_items, n_items = shared
+    scores = np.asarray(scores_fn(block))
+    if scores.ndim != 2 or scores.shape != (block.size, n_items):
+        raise ValueError(
+            f"scores_fn returned shape {scores.shape} for {block.size} users; "
+            f"expected ({block.size}, {n_items})"
+        )
+    return scores[:, cold_items]

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
+from components.core.parallel import Blocks
 from components.evaluation.metrics import compute_metrics
 from components.evaluation.ranking import PAD, rank_all
 
@@ -67,8 +68,11 @@ def evaluate(
     ks: list[int],
     activity_buckets: list[int],
     block_size: int = 1024,
+    blocks: Blocks | None = None,
 ) -> dict[str, Any]:
     """Rank all items for every user with held-out items in ``part``; return overall and slice metrics.
+
+    ``blocks``: where the user blocks are scored (in order by default; the same result anywhere).
 
     Slices: ``cold_items``/``warm_items`` restrict the held-out set to items without/with training
     interactions (the ranking is unchanged); ``activity=<bucket>`` averages over the users of one
@@ -85,7 +89,9 @@ def evaluate(
 
     # Cut-offs beyond the catalogue size rank everything and pad with PAD (-1), which metrics ignore.
     n_items = truth.shape[1]
-    topk = rank_all(score, users, min(k_max, n_items), data.exclusions(part), block_size=block_size)
+    topk = rank_all(
+        score, users, min(k_max, n_items), data.exclusions(part), block_size=block_size, blocks=blocks
+    )
     if k_max > n_items:
         topk = np.hstack([topk, np.full((len(users), k_max - n_items), PAD, dtype=topk.dtype)])
     truth_rows = truth[users]

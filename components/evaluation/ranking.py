@@ -9,9 +9,12 @@ recommendable items remain, the row is padded with ``-1``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+
+from components.core.parallel import Blocks
 
 PAD = -1
 
@@ -88,10 +91,11 @@ def rank_all(
     k: int,
     exclude_csr: sp.csr_matrix | sp.sparray | None,
     block_size: int = 1024,
+    blocks: Blocks | None = None,
 ) -> np.ndarray:
     """Rank the full catalogue for many users, scoring one block of users at a time.
 
-    Only one ``(block_size, n_items)`` score block lives in memory at once.
+    Only one ``(block_size, n_items)`` score block per worker lives in memory at once.
 
     Args:
         score_fn: Maps a 1-D int array of global user indices to a ``(len(block), n_items)``
@@ -101,6 +105,8 @@ def rank_all(
         exclude_csr: Optional sparse matrix whose rows are indexed by global user index and whose
             stored non-zero entries are items never to recommend to that user.
         block_size: Users scored per call of ``score_fn``.
+        blocks: Where the blocks run (:class:`~components.core.parallel.Blocks`); default in order.
+            The result is the same wherever they run.
 
     Returns:
         Int64 array ``(len(user_indices), k)``, rows in the order of ``user_indices``; ``-1`` pads
@@ -129,20 +135,23 @@ def rank_all(
         if users.min() < 0 or users.max() >= exclude.shape[0]:
             raise ValueError(f"user_indices must lie in [0, {exclude.shape[0]}) to index exclude_csr rows")
 
-    out = np.empty((users.size, int(k)), dtype=np.int64)
-    for start in range(0, users.size, int(block_size)):
-        block = users[start : start + int(block_size)]
-        scores = np.asarray(score_fn(block))
-        if scores.ndim != 2 or scores.shape[0] != block.size:
+    parts = [users[start : start + int(block_size)] for start in range(0, users.size, int(block_size))]
+    ranked = (blocks or Blocks()).map(_rank_block, (score_fn, exclude, int(k)), parts)
+    return np.vstack(ranked)
+
+
+def _rank_block(shared: tuple[ScoreFn, sp.csr_matrix | None, int], block: np.ndarray) -> Any:
+    score_fn, exclude, k = shared
+    scores = np.asarray(score_fn(block))
+    if scores.ndim != 2 or scores.shape[0] != block.size:
+        raise ValueError(
+            f"score_fn returned shape {scores.shape} for {block.size} users; expected (n_users, n_items)"
+        )
+    block_exclude = None
+    if exclude is not None:
+        if exclude.shape[1] != scores.shape[1]:
             raise ValueError(
-                f"score_fn returned shape {scores.shape} for {block.size} users; expected (n_users, n_items)"
+                f"exclude_csr has {exclude.shape[1]} item columns but score_fn returned {scores.shape[1]}"
             )
-        block_exclude = None
-        if exclude is not None:
-            if exclude.shape[1] != scores.shape[1]:
-                raise ValueError(
-                    f"exclude_csr has {exclude.shape[1]} item columns but score_fn returned {scores.shape[1]}"
-                )
-            block_exclude = exclude[block]
-        out[start : start + block.size] = topk_items(scores, k, block_exclude)
-    return out
+        block_exclude = exclude[block]
+    return topk_items(scores, k, block_exclude)

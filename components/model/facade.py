@@ -129,6 +129,7 @@ def fit_metarec(data: FitData, cfg: Config, log: bool = True) -> tuple[MetarecRe
         config=cfg.model_dump(mode="json"),
         age_buckets=list(cfg.kg.age_buckets),
         eval_metric=cfg.eval.primary,
+        blocks=cfg.eval.blocks(),
     )
 
 
@@ -187,7 +188,8 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
     def scores(block: np.ndarray) -> np.ndarray:
         return model.score(block, history=cold.train)
 
-    result = coldstart.evaluate_cold(scores, cold, cfg.eval.ks, seed=cfg.seed)
+    blocks = cfg.eval.blocks()
+    result = coldstart.evaluate_cold(scores, cold, cfg.eval.ks, seed=cfg.seed, blocks=blocks)
     # The same ranking task with the cold items' validation interactions as truth: what settings
     # aimed at cold items are chosen on (test is read once per final configuration).
     on_valid: dict[str, Any] = {}
@@ -197,6 +199,7 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
             coldstart.ColdSplit(cold.train, cold.valid, data.valid, cold.cold_items),
             cfg.eval.ks,
             seed=cfg.seed,
+            blocks=blocks,
         )["overall"]
     mixed = evaluate.evaluate(
         model,
@@ -205,6 +208,7 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
         cfg.eval.ks,
         cfg.eval.activity_buckets,
         cfg.eval.block_size,
+        blocks,
     )
     retuned = cfg.model.name == "metarec" and cold_retunes(cfg, frozen)
     return {"cold": result, "cold_valid": on_valid, "mixed": mixed["overall"], "encoder_retuned": retuned}
@@ -225,7 +229,15 @@ def evaluate_variant(paths: Paths, cfg: Config, frozen: bool = False) -> dict[st
     model, summary = fit_configured(paths, cfg, train=loaded.data.train, frozen=frozen)
     out: dict[str, Any] = {"fit_seconds": time.perf_counter() - start}
     for part in ("valid", "test"):
-        result = evaluate.evaluate(model, loaded.data, part, cfg.eval.ks, cfg.eval.activity_buckets)
+        result = evaluate.evaluate(
+            model,
+            loaded.data,
+            part,
+            cfg.eval.ks,
+            cfg.eval.activity_buckets,
+            cfg.eval.block_size,
+            cfg.eval.blocks(),
+        )
         out[part] = result["overall"]
     if cfg.eval.cold_fraction > 0:
         cold = cold_protocol(paths, cfg, loaded, frozen)

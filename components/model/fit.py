@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from components.core.config import MetarecConfig
+from components.core.parallel import Blocks
 from components.data import kg, split
 from components.data.kg import HeteroGraph
 from components.model.data import assemble, model_paths
@@ -124,8 +125,12 @@ def fit(
     eval_metric: str,
     config: dict[str, Any] | None = None,
     age_buckets: list[int] | None = None,
+    blocks: Blocks | None = None,
 ) -> tuple[MetarecRecommender, dict[str, Any]]:
-    """Train the fusion model on ``data``; return it (scoring with the whole training part) and a summary."""
+    """Train the fusion model on ``data``; return it (scoring with the whole training part) and a summary.
+
+    ``blocks``: where each epoch's validation ranks its user blocks (in order by default).
+    """
     paths = model_paths(data.report, data.graph.schema, mcfg.content_paths, mcfg.use_mined_paths)
     inputs = assemble(
         data.graph,
@@ -153,7 +158,7 @@ def fit(
             )
         sentences = channel_sentences(inputs.eval_bank, data.graph)
         inputs.channel_text = np.asarray(data.encode(sentences), dtype=np.float32)
-    net, summary = train(inputs, TrainConfig.from_section(mcfg, seed, eval_metric), on_epoch)
+    net, summary = train(inputs, TrainConfig.from_section(mcfg, seed, eval_metric), on_epoch, blocks)
     summary["channels"] = inputs.eval_bank.names
     model = MetarecRecommender(net, inputs.eval_bank, data.profile, data.train_matrix, config)
     return model, summary

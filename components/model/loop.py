@@ -10,6 +10,9 @@ it faces at validation and test time. Validation then uses features from the who
 Loss: softmax over the full catalogue (1.7k items on ml-100k, cheap) with the user's feature history
 masked, averaged over each user's held-out items — the listwise form of sampled softmax with every
 item a negative. AdamW, early stopping on validation NDCG@10, the best epoch's weights kept.
+
+At scale an epoch is a seeded sample of at most ``epoch_users`` users and validation a fixed seeded
+sample of ``valid_users``: both cost users × items, and neither cap touches ml-100k (943 users).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from components.core.config import MetarecConfig
+from components.core.parallel import Blocks
 from components.evaluation.metrics import compute_metrics
 from components.evaluation.ranking import rank_all
 from components.model.features import FeatureBank
@@ -45,6 +49,8 @@ class TrainConfig:
     id_reg: float
     item_dropout: float
     batch_users: int
+    epoch_users: int
+    valid_users: int
     holdout: float
     rank: int
     use_paths: bool
@@ -120,21 +126,46 @@ def score_users(
     return np.asarray(out.numpy(), dtype=np.float32)
 
 
-def validation_metrics(net: FusionNet, inputs: FusionInputs, k: int) -> dict[str, float]:
-    """Validation metrics at ``k`` under the evaluation protocol (train history, train excluded)."""
-    users = np.flatnonzero(np.diff(inputs.valid.indptr) > 0)
+def validation_users(valid: sp.csr_matrix, cap: int, seed: int) -> np.ndarray:
+    """Users with validation interactions, or a seeded sample of ``cap`` of them (sorted) when more."""
+    users = np.flatnonzero(np.diff(valid.indptr) > 0)
+    if len(users) <= cap:
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, size=cap, replace=False))
+
+
+def validation_metrics(
+    net: FusionNet,
+    inputs: FusionInputs,
+    k: int,
+    users: np.ndarray | None = None,
+    blocks: Blocks | None = None,
+) -> dict[str, float]:
+    """Validation metrics at ``k`` under the evaluation protocol (train history, train excluded).
+
+    ``users``: the validation users to rank (default: every user with a validation interaction);
+    ``blocks``: where their blocks are ranked (in order by default).
+    """
+    if users is None:
+        users = np.flatnonzero(np.diff(inputs.valid.indptr) > 0)
     topk = rank_all(
         lambda block: score_users(net, inputs.eval_bank, inputs.eval_history, inputs.profile, block),
         users,
         k,
         inputs.eval_history,
+        blocks=blocks,
     )
     metrics = compute_metrics(topk, inputs.valid[users], [k])
     return {name: float(v) for name, v in metrics.items() if name != "n_users"}
 
 
-def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = None) -> tuple[FusionNet, dict]:
-    """Fit the scorer; return the best-epoch network and a summary (best epoch, curve, seconds)."""
+def train(
+    inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = None, blocks: Blocks | None = None
+) -> tuple[FusionNet, dict]:
+    """Fit the scorer; return the best-epoch network and a summary (best epoch, curve, seconds).
+
+    ``blocks``: where each epoch's validation ranks its user blocks (in order by default).
+    """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -165,6 +196,8 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
     users = np.flatnonzero(np.diff(inputs.targets.indptr) > 0)
     if len(users) == 0:
         raise ValueError("no user has held-out training interactions; nothing to fit")
+    # Its own generator: the training stream stays the same whether or not validation is sampled.
+    judged = validation_users(inputs.valid, cfg.valid_users, cfg.seed + 1)
     # Features of the fit part do not change during training: computed once if they fit the budget,
     # else per batch (row by row the same values, so the same fit; tested).
     n_fit_users = inputs.history.shape[0]
@@ -185,7 +218,7 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
     bar = tqdm(range(1, cfg.epochs + 1), desc="metarec train", unit="epoch", leave=False, disable=None)
     for epoch in bar:
         net.train()
-        order = rng.permutation(users)
+        order = rng.permutation(users)[: cfg.epoch_users]
         total, batches = 0.0, 0
         for lo in range(0, len(order), cfg.batch_users):
             batch = order[lo : lo + cfg.batch_users]
@@ -218,7 +251,7 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
             total += loss.item()
             batches += 1
         net.eval()
-        metrics = validation_metrics(net, inputs, eval_k)
+        metrics = validation_metrics(net, inputs, eval_k, judged, blocks)
         row = {"loss": total / batches, **{f"valid.{k}": v for k, v in metrics.items()}}
         curve.append(row)
         if on_epoch is not None:
@@ -242,6 +275,8 @@ def train(inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = No
         "seconds": time.perf_counter() - start,
         "curve": curve,
         "fit_users": int(len(users)),
+        "epoch_users": int(min(len(users), cfg.epoch_users)),
+        "valid_users": int(len(judged)),
         "fit_targets": int(inputs.targets.nnz),
         "features_cached": cached,
     }

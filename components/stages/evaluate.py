@@ -25,7 +25,13 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
         model = load_trained(paths.model)
         results = {
             part: evaluate.evaluate(
-                model, loaded.data, part, cfg.eval.ks, cfg.eval.activity_buckets, cfg.eval.block_size
+                model,
+                loaded.data,
+                part,
+                cfg.eval.ks,
+                cfg.eval.activity_buckets,
+                cfg.eval.block_size,
+                cfg.eval.blocks(),
             )
             for part in ("valid", "test")
         }
@@ -62,6 +68,7 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
                     if np.isfinite(v)
                 }
             )
+        mlflow.set_tag("metarec.eval.blocks", cfg.eval.blocks().label)
         mlflow.log_dict(results, "evaluation.json")
         figure = slice_figure(results["test"], cfg.eval.primary, cfg.model.name)
         mlflow.log_figure(figure, "test_slices.png")

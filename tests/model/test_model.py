@@ -13,8 +13,11 @@ import torch
 
 from components.baselines import ease_matrix
 from components.core.config import MetarecConfig
+from components.core.parallel import Blocks
 from components.data.kg import INTERACTED, HeteroGraph, Relation, binary_matrix, with_interactions
+from components.evaluation import coldstart
 from components.evaluation.metrics import compute_metrics
+from components.evaluation.protocol import EvalData, evaluate
 from components.evaluation.ranking import rank_all
 from components.metapaths.counting import Counter
 from components.metapaths.mining import normalise_rows
@@ -22,7 +25,14 @@ from components.metapaths.schema import Metapath, parse
 from components.model.data import assemble, model_paths
 from components.model.features import FeatureBank, build_bank
 from components.model.fit import FitData, channel_sentences, fit
-from components.model.loop import FusionInputs, TrainConfig, temporal_holdout, train, validation_metrics
+from components.model.loop import (
+    FusionInputs,
+    TrainConfig,
+    temporal_holdout,
+    train,
+    validation_metrics,
+    validation_users,
+)
 from components.model.net import FusionNet, NetConfig
 from components.model.recommender import MetarecRecommender
 
@@ -397,6 +407,32 @@ def test_features_per_batch_train_the_same_model() -> None:
     assert [r["loss"] for r in streamed_summary["curve"]] == [r["loss"] for r in cached_summary["curve"]]
 
 
+def test_epoch_and_validation_caps_sample_users_and_leave_small_data_alone() -> None:
+    """Caps at or above the user counts change nothing; below them, each epoch sees a sample and
+    early stopping judges one fixed seeded sample of validation users."""
+    _, inputs = random_inputs(seed=5)
+    cfg = replace(SMALL, epochs=3)
+    n_fit = int((np.diff(inputs.targets.indptr) > 0).sum())
+    valid_users = np.flatnonzero(np.diff(inputs.valid.indptr) > 0)
+    full, full_summary = train(inputs, cfg)
+    exact, _ = train(inputs, replace(cfg, epoch_users=n_fit, valid_users=len(valid_users)))
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, exact.state_dict()[key]), key
+    assert full_summary["epoch_users"] == n_fit and full_summary["valid_users"] == len(valid_users)
+
+    half = replace(cfg, epoch_users=n_fit // 2, valid_users=len(valid_users) // 2)
+    capped, summary = train(inputs, half)
+    assert summary["epoch_users"] == n_fit // 2 and summary["valid_users"] == len(valid_users) // 2
+    assert not torch.equal(capped.state_dict()["id_item"], full.state_dict()["id_item"])
+    judged = validation_users(inputs.valid, half.valid_users, half.seed + 1)
+    assert len(np.unique(judged)) == half.valid_users and np.isin(judged, valid_users).all()
+    assert np.array_equal(judged, validation_users(inputs.valid, half.valid_users, half.seed + 1))
+    # The best epoch's figure is the sample's metric of the kept weights, not the whole set's.
+    key = f"best_valid_{half.eval_metric}"
+    assert summary[key] == pytest.approx(validation_metrics(capped, inputs, 10, judged)["ndcg@10"])
+    assert summary[key] != pytest.approx(validation_metrics(capped, inputs, 10)["ndcg@10"])
+
+
 # ---------------------------------------------------------------- recommender
 
 
@@ -430,6 +466,52 @@ def test_save_load_round_trip(
     assert loaded.config == {"seed": 0}
     assert loaded.net.cfg == model.net.cfg
     assert (loaded.train != model.train).nnz == 0
+
+
+def test_rankings_are_the_same_in_order_on_dask_threads_and_on_a_dask_cluster(
+    fitted: tuple[HeteroGraph, FusionInputs, MetarecRecommender],
+) -> None:
+    """User blocks ranked on Dask threads, or on a real Dask cluster of worker processes, give exactly
+    the serial path's rankings: warm, cold (seeded tie-breaking included) and training validation."""
+    from distributed import LocalCluster
+
+    _, inputs, model = fitted
+    users = np.arange(N_USERS)
+    # Cold protocol on the fit cut: features part as train, fit targets as valid, validation as test.
+    cold = coldstart.cold_item_split(inputs.history, inputs.targets, inputs.valid, 0.25, seed=3)
+    data = EvalData(inputs.eval_history, inputs.valid, inputs.valid)
+
+    def everything(blocks: Blocks) -> dict:
+        return {
+            "topk": rank_all(model.score, users, 10, inputs.eval_history, block_size=7, blocks=blocks),
+            "warm": evaluate(model, data, "valid", [5, 10], [5], block_size=7, blocks=blocks),
+            "cold": coldstart.evaluate_cold(
+                lambda b: model.score(b, history=cold.train), cold, [5, 10], 7, seed=3, blocks=blocks
+            ),
+            "validation": validation_metrics(model.net, inputs, 10, blocks=blocks),
+        }
+
+    serial = everything(Blocks())
+    assert serial["warm"]["overall"]["n_users"] == N_USERS and serial["cold"]["n_users"] > 7
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        runs = {
+            "threads": everything(Blocks(workers=2)),
+            "cluster": everything(Blocks(address=cluster.scheduler_address)),
+        }
+    for where, run in runs.items():
+        np.testing.assert_array_equal(run.pop("topk"), serial["topk"], err_msg=where)
+        assert run == {k: v for k, v in serial.items() if k != "topk"}, where
+
+
+def test_blocks_name_an_unreachable_scheduler() -> None:
+    """A Dask address nobody answers is a clear ConnectionError naming it, not a traceback from Dask."""
+    from components.core.processes import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"cannot reach the Dask scheduler at {address}"):
+        Blocks(address=address, timeout_s=2).map(lambda shared, item: item, None, [1, 2])
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        Blocks(workers=0)
 
 
 def test_save_load_bank_directly(
