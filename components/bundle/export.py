@@ -48,6 +48,7 @@ from components.bundle.runtime import (
     OnnxEncoder,
     OnnxScorer,
 )
+from components.core.parallel import Blocks
 from components.core.storage import read_json, write_json
 from components.evaluation import protocol as evaluate
 
@@ -524,6 +525,7 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
 
     # NDCG parity: the evaluate stage's protocol with the ONNX scorer in place of torch.
     name = parity_metric(cfg.eval.ks)
+    # Local threads only, even with eval.dask_address: an ONNX Runtime session cannot be pickled.
     onnx_eval = evaluate.evaluate(
         scorer,
         loaded.data,
@@ -531,6 +533,7 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
         cfg.eval.ks,
         cfg.eval.activity_buckets,
         cfg.eval.block_size,
+        Blocks(cfg.eval.workers),
     )
     ndcg_torch = float(torch_metrics["test"][name])
     ndcg_onnx = float(onnx_eval["overall"][name])
