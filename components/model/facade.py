@@ -172,6 +172,17 @@ def fit_configured(
     return baselines.build_model(cfg.model.name, params, cfg.seed).fit(train), {}
 
 
+def evaluate_warm(model: evaluate.Scorer, loaded: Loaded, cfg: Config) -> dict[str, dict[str, Any]]:
+    """The evaluate protocol on valid and on test, ranked where ``eval.workers``/``dask_address`` say."""
+    ev = cfg.eval
+    return {
+        part: evaluate.evaluate(
+            model, loaded.data, part, ev.ks, ev.activity_buckets, ev.block_size, ev.blocks()
+        )
+        for part in ("valid", "test")
+    }
+
+
 def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = False) -> dict[str, Any]:
     """Refit the configured model with a seeded share of items made cold and evaluate it there.
 
@@ -228,16 +239,7 @@ def evaluate_variant(paths: Paths, cfg: Config, frozen: bool = False) -> dict[st
     start = time.perf_counter()
     model, summary = fit_configured(paths, cfg, train=loaded.data.train, frozen=frozen)
     out: dict[str, Any] = {"fit_seconds": time.perf_counter() - start}
-    for part in ("valid", "test"):
-        result = evaluate.evaluate(
-            model,
-            loaded.data,
-            part,
-            cfg.eval.ks,
-            cfg.eval.activity_buckets,
-            cfg.eval.block_size,
-            cfg.eval.blocks(),
-        )
+    for part, result in evaluate_warm(model, loaded, cfg).items():
         out[part] = result["overall"]
     if cfg.eval.cold_fraction > 0:
         cold = cold_protocol(paths, cfg, loaded, frozen)

@@ -11,7 +11,7 @@ from components.core.config import Config
 from components.core.storage import write_json
 from components.core.workspace import Paths
 from components.evaluation import protocol as evaluate
-from components.model.facade import cold_protocol, load_parts, load_trained
+from components.model.facade import cold_protocol, evaluate_warm, load_parts, load_trained
 from components.stages.common import tracked_run
 
 
@@ -23,18 +23,7 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
 
         loaded = load_parts(paths)
         model = load_trained(paths.model)
-        results = {
-            part: evaluate.evaluate(
-                model,
-                loaded.data,
-                part,
-                cfg.eval.ks,
-                cfg.eval.activity_buckets,
-                cfg.eval.block_size,
-                cfg.eval.blocks(),
-            )
-            for part in ("valid", "test")
-        }
+        results = evaluate_warm(model, loaded, cfg)
         summary: dict[str, Any] = {
             "model": cfg.model.name,
             "valid": results["valid"]["overall"],
