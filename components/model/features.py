@@ -30,6 +30,10 @@ from components.metapaths.schema import Metapath
 
 #: Dense suffixes up to this size (256 MiB: ml-100k's 1682 items take 11 MB); larger ones stay factored.
 DENSE_BUDGET_BYTES = 256 << 20
+#: A chain's intermediate product filled beyond this share is made dense before the next factor: on the
+#: large synthetic graph a 128-user batch's ``user–item–user`` product is 96% full, and the next product
+#: took 3.3 s sparse @ sparse against 0.6 s dense @ sparse (the same values).
+DENSE_FILL = 0.1
 #: Items an EASE channel covers at most (``model.metarec.ease_max_items``; see :func:`ease_suffix`).
 EASE_MAX_ITEMS = 5000
 HISTORY = "history"
@@ -72,6 +76,8 @@ class Factors:
             if self.row_scale is not None:
                 acc = acc.multiply(self.row_scale[None, :]).tocsr()
             for factor in self.factors:
+                if sp.issparse(acc) and acc.nnz > DENSE_FILL * acc.shape[0] * acc.shape[1]:
+                    acc = acc.toarray()  # then dense @ sparse, several times faster than sparse @ sparse
                 acc = acc @ factor
             out[start : start + block] = acc.toarray() if sp.issparse(acc) else np.asarray(acc)
         if self.col_scale is not None:

@@ -23,6 +23,7 @@ from components.metapaths.counting import Counter
 from components.metapaths.mining import normalise_rows
 from components.metapaths.schema import Metapath, parse
 from components.model.data import assemble, model_paths
+from components.model import features
 from components.model.features import FeatureBank, build_bank
 from components.model.fit import FitData, channel_sentences, fit
 from components.model.loop import (
@@ -209,7 +210,9 @@ def test_bank_channels_equal_mining_counter(weighting: str) -> None:
 
 
 @pytest.mark.parametrize("weighting", ["pathsim", "dwpc", "count"])
-def test_factored_channels_equal_dense_ones_and_survive_save_load(weighting: str, tmp_path: Path) -> None:
+def test_factored_channels_equal_dense_ones_and_survive_save_load(
+    weighting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Over the dense budget a channel is kept as its sparse chain: same features, linear memory."""
     rng = np.random.default_rng(11)
     n_users, n_items = 40, 30
@@ -231,6 +234,16 @@ def test_factored_channels_equal_dense_ones_and_survive_save_load(weighting: str
     chain = loaded.channels[0].suffix
     assert not isinstance(chain, np.ndarray)
     np.testing.assert_array_equal(chain.apply(train_matrix, block=7), chain.apply(train_matrix))
+    # Filled intermediates go dense (features.DENSE_FILL); all-sparse products give the same features.
+    sourced = [c for c in range(len(paths)) if loaded.channels[c].source == "history"]
+    assert len(sourced) >= 3
+    for c in sourced:
+        suffix = loaded.channels[c].suffix
+        assert not isinstance(suffix, np.ndarray)
+        densified = suffix.apply(train_matrix)
+        monkeypatch.setattr(features, "DENSE_FILL", 1.0)
+        np.testing.assert_allclose(suffix.apply(train_matrix), densified, rtol=1e-6, atol=1e-7)
+        monkeypatch.undo()
     for c, path in enumerate(paths):
         suffix = loaded.channels[c].suffix
         assert not isinstance(suffix, np.ndarray)
