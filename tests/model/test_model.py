@@ -22,8 +22,8 @@ from components.evaluation.ranking import rank_all
 from components.metapaths.counting import Counter
 from components.metapaths.mining import normalise_rows
 from components.metapaths.schema import Metapath, parse
-from components.model.data import assemble, model_paths
 from components.model import features
+from components.model.data import assemble, model_paths
 from components.model.features import FeatureBank, build_bank
 from components.model.fit import FitData, channel_sentences, fit
 from components.model.loop import (
