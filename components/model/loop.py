@@ -12,7 +12,9 @@ masked, averaged over each user's held-out items — the listwise form of sample
 item a negative. AdamW, early stopping on validation NDCG@10, the best epoch's weights kept.
 
 At scale an epoch is a seeded sample of at most ``epoch_users`` users and validation a fixed seeded
-sample of ``valid_users``: both cost users × items, and neither cap touches ml-100k (943 users).
+sample of ``valid_users``: both cost users × items, and neither cap touches ml-100k (943 users). Early
+stopping counts both stale epochs (``patience``) and the users trained on since the best epoch
+(``patience_users``), whichever runs out first: at 10k users an epoch, 8 stale epochs are 80k users.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class TrainConfig:
     batch_users: int
     epoch_users: int
     valid_users: int
+    patience_users: int
     holdout: float
     rank: int
     use_paths: bool
@@ -209,7 +212,7 @@ def train(
     metric_name, _, k_text = cfg.eval_metric.partition("@")
     eval_k = min(int(k_text), net_cfg.n_items)  # a catalogue smaller than k ranks everything
     key = f"{metric_name}@{eval_k}"
-    best, best_epoch, best_state, stale = -1.0, 0, None, 0
+    best, best_epoch, best_state, stale, stale_users = -1.0, 0, None, 0, 0
     curve: list[dict[str, float]] = []
     start = time.perf_counter()
     from tqdm import tqdm
@@ -258,11 +261,11 @@ def train(
             on_epoch(epoch, row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", ndcg=f"{metrics[key]:.4f}")
         if metrics[key] > best:
-            best, best_epoch, stale = metrics[key], epoch, 0
+            best, best_epoch, stale, stale_users = metrics[key], epoch, 0, 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         else:
-            stale += 1
-            if stale >= cfg.patience:
+            stale, stale_users = stale + 1, stale_users + len(order)
+            if stale >= cfg.patience or 0 < cfg.patience_users <= stale_users:
                 break
     bar.close()
     if best_state is not None:

@@ -420,6 +420,30 @@ def test_features_per_batch_train_the_same_model() -> None:
     assert [r["loss"] for r in streamed_summary["curve"]] == [r["loss"] for r in cached_summary["curve"]]
 
 
+def test_patience_in_users_ends_a_stalled_fit_first_and_changes_nothing_before() -> None:
+    """With no learning (lr 0) every epoch after the first is stale: ``patience_users`` stops the fit once
+    that many users were trained on since the best epoch, ``patience`` when it comes first; the kept
+    weights are the best epoch's either way."""
+    _, inputs = random_inputs(seed=5)
+    n_fit = int((np.diff(inputs.targets.indptr) > 0).sum())
+    still = replace(SMALL, epochs=20, lr=0.0, patience=100)
+    _, by_users = train(inputs, replace(still, patience_users=2 * n_fit))
+    assert by_users["best_epoch"] == 1 and by_users["epochs_run"] == 3
+    _, by_epochs = train(inputs, replace(still, patience=4, patience_users=100 * n_fit))
+    assert by_epochs["epochs_run"] == 5
+    _, off = train(inputs, replace(still, patience=4, patience_users=0))
+    assert off["epochs_run"] == 5
+    # A learning fit runs as without the check up to its first stale epoch, and stops there.
+    _, cut = train(inputs, replace(SMALL, epochs=12, patience_users=n_fit))
+    _, unchecked = train(inputs, replace(SMALL, epochs=12, patience_users=0))
+    key = f"valid.{SMALL.eval_metric}"
+    values = [row[key] for row in unchecked["curve"]]
+    stale = [e for e in range(1, len(values)) if values[e] <= max(values[:e])]
+    assert stale, "the check needs a fit with a stale epoch"
+    assert cut["epochs_run"] == stale[0] + 1
+    assert cut["curve"] == unchecked["curve"][: stale[0] + 1]
+
+
 def test_epoch_and_validation_caps_sample_users_and_leave_small_data_alone() -> None:
     """Caps at or above the user counts change nothing; below them, each epoch sees a sample and
     early stopping judges one fixed seeded sample of validation users."""
