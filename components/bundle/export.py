@@ -534,6 +534,8 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
         cfg.eval.activity_buckets,
         cfg.eval.block_size,
         Blocks(cfg.eval.workers),
+        cfg.eval.max_users,  # the users the evaluate stage's figure was ranked on
+        cfg.seed,
     )
     ndcg_torch = float(torch_metrics["test"][name])
     ndcg_onnx = float(onnx_eval["overall"][name])

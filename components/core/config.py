@@ -411,6 +411,11 @@ class EvalConfig(_Strict):
     # A running Dask scheduler (tcp://host:8786): the blocks go to its workers instead (the model is sent
     # once per worker). Empty: local threads. docs/operations.md shows a cluster.
     dask_address: str = ""
+    # Every ranking (valid, test, the cold protocol's, the export's parity) judges a fixed seeded sample
+    # of at most this many users when more have truth (0: all). Each user costs a score of the whole
+    # catalogue: ranking all 100k test users of the large graph took about 15 minutes, and 20k users
+    # put NDCG@10 within about +-0.0015 (one standard error). ml-100k's 943 users are all ranked.
+    max_users: int = Field(default=20_000, ge=0)
     # Cold-item protocol: this share of items (seeded) loses its train and valid interactions, the
     # model is refitted and ranks only those items for their test users. 0 turns it off.
     cold_fraction: float = Field(default=0.1, ge=0, lt=1)

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from components.core.parallel import Blocks
 from components.evaluation.metrics import compute_metrics
-from components.evaluation.ranking import PAD
+from components.evaluation.ranking import PAD, sample_users
 
 ScoresFn = Callable[[np.ndarray], np.ndarray]
 
@@ -156,6 +156,7 @@ def evaluate_cold(
     block_size: int = 1024,
     seed: int = 0,
     blocks: Blocks | None = None,
+    max_users: int = 0,
 ) -> dict[str, Any]:
     """Rank only the cold items for every user with a cold test item and score the rankings.
 
@@ -174,11 +175,15 @@ def evaluate_cold(
         seed: Seed of the tie-breaking order.
         blocks: Where the user blocks are scored (in order by default). The tie-breaking draws stay
             in block order, so the result is the same anywhere.
+        max_users: Rank a seeded sample of that many of the users with a cold test item when there
+            are more (0: all of them); the sample has its own generator, so the tie-breaking draws
+            are those of the full run whenever nothing is cut.
 
     Returns:
-        ``{"overall": compute_metrics(...), "n_users": int, "n_cold_items": int,
-        "random_recall@{k}": float for each k}``; the metrics use the test interactions on cold
-        items only as truth, and ``random_recall@{k}`` is the chance level of :func:`random_recall`.
+        ``{"overall": compute_metrics(...), "n_users": int, "n_users_with_truth": int,
+        "n_cold_items": int, "random_recall@{k}": float for each k}``; the metrics use the test
+        interactions on cold items only as truth, and ``random_recall@{k}`` is the chance level of
+        :func:`random_recall`.
 
     Raises:
         ValueError: On empty ``ks``, no cold item, no user with a cold test interaction, or a
@@ -197,9 +202,10 @@ def evaluate_cold(
     is_cold[cold_items] = True
     # Warm test items are dropped from the truth: the ranking only offers cold items.
     truth = _drop_items(cold.test, ~is_cold)
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
-    if users.size == 0:
+    with_truth = np.flatnonzero(np.diff(truth.indptr) > 0)
+    if with_truth.size == 0:
         raise ValueError("no user has a test interaction on a cold item; cannot evaluate")
+    users = sample_users(with_truth, max_users, seed + 1)
 
     k_max = max(k_list)
     depth = min(k_max, n_cold)
@@ -221,6 +227,7 @@ def evaluate_cold(
     result: dict[str, Any] = {
         "overall": compute_metrics(topk, truth[users], k_list),
         "n_users": int(users.size),
+        "n_users_with_truth": int(with_truth.size),
         "n_cold_items": n_cold,
     }
     for k in dict.fromkeys(k_list):

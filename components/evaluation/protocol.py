@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from components.core.parallel import Blocks
 from components.evaluation.metrics import compute_metrics
-from components.evaluation.ranking import PAD, rank_all
+from components.evaluation.ranking import PAD, rank_all, sample_users
 
 
 class Scorer(Protocol):
@@ -69,20 +69,25 @@ def evaluate(
     activity_buckets: list[int],
     block_size: int = 1024,
     blocks: Blocks | None = None,
+    max_users: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Rank all items for every user with held-out items in ``part``; return overall and slice metrics.
 
     ``blocks``: where the user blocks are scored (in order by default; the same result anywhere).
+    ``max_users``: rank a seeded sample (``seed``) of that many of those users when there are more
+    (0: all); ``users`` in the result says how many were ranked of how many.
 
     Slices: ``cold_items``/``warm_items`` restrict the held-out set to items without/with training
     interactions (the ranking is unchanged); ``activity=<bucket>`` averages over the users of one
     training-activity bucket.
     """
     truth = data.test if part == "test" else data.valid
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    with_truth = np.flatnonzero(np.diff(truth.indptr) > 0)
     k_max = max(ks)
-    if len(users) == 0:
+    if len(with_truth) == 0:
         raise ValueError(f"no user has {part} interactions; cannot evaluate")
+    users = sample_users(with_truth, max_users, seed)
 
     def score(block: np.ndarray) -> np.ndarray:
         return model.score(block, history=data.train)
@@ -95,7 +100,10 @@ def evaluate(
     if k_max > n_items:
         topk = np.hstack([topk, np.full((len(users), k_max - n_items), PAD, dtype=topk.dtype)])
     truth_rows = truth[users]
-    result: dict[str, Any] = {"overall": compute_metrics(topk, truth_rows, ks)}
+    result: dict[str, Any] = {
+        "overall": compute_metrics(topk, truth_rows, ks),
+        "users": {"ranked": int(len(users)), "with_truth": int(len(with_truth))},
+    }
 
     warm = np.asarray(data.train.sum(axis=0)).ravel() > 0
     slices: dict[str, dict[str, float]] = {}

@@ -21,6 +21,16 @@ PAD = -1
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 
 
+def sample_users(users: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """``users``, or a sorted seeded sample of ``cap`` of them when there are more (``cap`` 0: all of them).
+
+    How every ranking at scale bounds its cost: each user ranked costs a score of the whole catalogue.
+    """
+    if cap <= 0 or len(users) <= cap:
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, size=cap, replace=False))
+
+
 def topk_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | sp.sparray | None = None) -> np.ndarray:
     """Return the ``k`` best items per row, best first, ties broken by lower item index.
 

@@ -31,7 +31,7 @@ import torch
 from components.core.config import MetarecConfig
 from components.core.parallel import Blocks
 from components.evaluation.metrics import compute_metrics
-from components.evaluation.ranking import rank_all
+from components.evaluation.ranking import rank_all, sample_users
 from components.model.features import FeatureBank
 from components.model.net import FusionNet, NetConfig
 
@@ -131,10 +131,7 @@ def score_users(
 
 def validation_users(valid: sp.csr_matrix, cap: int, seed: int) -> np.ndarray:
     """Users with validation interactions, or a seeded sample of ``cap`` of them (sorted) when more."""
-    users = np.flatnonzero(np.diff(valid.indptr) > 0)
-    if len(users) <= cap:
-        return users
-    return np.sort(np.random.default_rng(seed).choice(users, size=cap, replace=False))
+    return sample_users(np.flatnonzero(np.diff(valid.indptr) > 0), cap, seed)
 
 
 def validation_metrics(

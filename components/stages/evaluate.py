@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,10 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
 
         loaded = load_parts(paths)
         model = load_trained(paths.model)
+        clock = time.perf_counter()
         results = evaluate_warm(model, loaded, cfg)
+        # Where the stage's time goes, in the tracking UI: at scale each part is minutes.
+        mlflow.log_metric("evaluate.seconds.rank_warm", time.perf_counter() - clock)
         summary: dict[str, Any] = {
             "model": cfg.model.name,
             "valid": results["valid"]["overall"],
@@ -41,6 +45,7 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
                 summary["cold_valid"] = cold["cold_valid"]
                 # How the cold figure was made: the registry compares cold figures only when alike.
                 summary["cold_protocol"] = {"encoder_retuned": cold["encoder_retuned"]}
+                mlflow.log_metrics({f"evaluate.seconds.{k}": v for k, v in cold["seconds"].items()})
                 mlflow.log_metrics(
                     {f"cold.{tracking.metric_name(k)}": float(v) for k, v in cold["cold"]["overall"].items()}
                     | {

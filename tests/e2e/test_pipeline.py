@@ -153,6 +153,11 @@ def test_mlflow_parent_run_and_nested_stage_runs(ws: Workspace) -> None:
     assert "model" in {a.path for a in client.list_artifacts(by_name["train"])}
     evaluate = client.get_run(by_name["evaluate"])
     assert math.isfinite(evaluate.data.metrics["test.ndcg_at_5"])
+    # Where evaluate's time went: warm ranking, the cold protocol's refit (pop: no training loop) and
+    # its cold and mixed rankings.
+    seconds = {k.rpartition(".")[2]: v for k, v in evaluate.data.metrics.items() if k.startswith("evaluate.")}
+    assert set(seconds) == {"rank_warm", "refit", "refit_train", "rank_cold", "rank_mixed"}, seconds
+    assert seconds["refit_train"] == 0 and all(v >= 0 for v in seconds.values())
 
 
 def test_noop_rerun_skips_everything(ws: Workspace, noop_run: dict[str, Any]) -> None:

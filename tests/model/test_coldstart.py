@@ -189,6 +189,19 @@ def test_perfect_scorer_gets_full_marks() -> None:
     assert result["n_users"] == expected_users
 
 
+def test_evaluate_cold_user_cap_keeps_the_full_run_when_nothing_is_cut() -> None:
+    train, valid, test = _random_parts(80, 60, seed=3)
+    split = cold_item_split(train, valid, test, fraction=0.25, seed=2)
+    scores = np.random.default_rng(9).random((80, 60))
+    full = evaluate_cold(lambda b: scores[b], split, ks=[1, 5], block_size=7, seed=5)
+    n = full["n_users"]
+    assert full["n_users_with_truth"] == n > 20
+    assert evaluate_cold(lambda b: scores[b], split, ks=[1, 5], block_size=7, seed=5, max_users=n) == full
+    capped = evaluate_cold(lambda b: scores[b], split, ks=[1, 5], block_size=7, seed=5, max_users=20)
+    assert capped["n_users"] == 20 and capped["n_users_with_truth"] == n
+    assert capped["overall"]["n_users"] == 20
+
+
 def test_random_recall_formula_matches_monte_carlo() -> None:
     train, valid, test = _random_parts(30, 20, seed=4)
     split = cold_item_split(train, valid, test, fraction=0.5, seed=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from components.evaluation.ranking import rank_all, topk_items
+from components.evaluation.ranking import rank_all, sample_users, topk_items
 
 
 def _reference_topk(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None) -> np.ndarray:
@@ -122,3 +122,41 @@ def test_rank_all_validates() -> None:
         rank_all(lambda b: scores[b], np.arange(2), 1, None, block_size=0)
     with pytest.raises(ValueError, match="exclude_csr"):
         rank_all(lambda b: scores[b], np.array([5]), 1, sp.csr_matrix((4, 3)))
+
+
+def test_sample_users_caps_with_a_fixed_seeded_sorted_subset() -> None:
+    users = np.arange(3, 403, 2)
+    assert sample_users(users, 0, 1) is users and sample_users(users, 200, 1) is users
+    picked = sample_users(users, 50, 1)
+    assert len(picked) == 50 and len(np.unique(picked)) == 50 and np.isin(picked, users).all()
+    assert (np.diff(picked) > 0).all() and np.array_equal(picked, sample_users(users, 50, 1))
+    assert not np.array_equal(picked, sample_users(users, 50, 2))
+
+
+class _Scores:
+    def __init__(self, scores: np.ndarray) -> None:
+        self.scores = scores
+
+    def score(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        return self.scores[users]
+
+
+def test_evaluate_with_a_user_cap_scores_the_sample_as_the_full_run_does() -> None:
+    """A cap at or above the users with truth changes nothing; below it the figure is that of the
+    sampled users' rows of the full run (each user's ranking is their own)."""
+    from components.evaluation.metrics import compute_metrics
+    from components.evaluation.protocol import EvalData, evaluate
+
+    rng = np.random.default_rng(4)
+    parts = [sp.csr_matrix((rng.random((300, 40)) < p).astype(np.float32)) for p in (0.2, 0.03, 0.03)]
+    data, model = EvalData(*parts), _Scores(rng.random((300, 40)))
+    full = evaluate(model, data, "test", [5, 10], [5, 10])
+    n = full["users"]["with_truth"]
+    assert full["users"]["ranked"] == n and n > 100
+    assert evaluate(model, data, "test", [5, 10], [5, 10], max_users=n, seed=3) == full
+    capped = evaluate(model, data, "test", [5, 10], [5, 10], max_users=100, seed=3)
+    assert capped["users"] == {"ranked": 100, "with_truth": n}
+    users = sample_users(np.flatnonzero(np.diff(parts[2].indptr) > 0), 100, 3)
+    topk = rank_all(lambda b: model.scores[b], users, 10, data.exclusions("test"))
+    assert capped["overall"] == compute_metrics(topk, parts[2][users], [5, 10])
+    assert capped["overall"] != full["overall"]
