@@ -3,6 +3,7 @@
 Usage:
     .venv/bin/python benchmarks/scale_run.py --size small            # generate, metarec run, serve
     .venv/bin/python benchmarks/scale_run.py --size medium -S eval.cold_fraction=0
+    .venv/bin/python benchmarks/scale_run.py --size large --resume   # rerun what changed, keep the rest
     .venv/bin/python benchmarks/scale_run.py --report                # table + growth plot of the sizes run
 
 Each size (``SIZES`` in components/data/synthetic.py: small 10k users x 2k items, medium 30k x 6k, large
@@ -13,6 +14,11 @@ its process tree, as the training flow logs them to MLflow as ``stage.<name>.*``
 whole run's wall and peak (which includes the local Prefect server when the run starts one) and, if the
 run made a champion, ``metarec serve`` on it: seconds until
 ``/ready`` answers, the server's RSS, and 50 keep-alive GETs of one user's top-10 with explanations.
+
+``--resume`` runs ``metarec run`` again in the size's existing workspace: DVC skips every stage whose
+inputs, parameters and outputs are unchanged, and those keep the figures of the earlier record (marked
+``earlier`` with its commit); the stages that run replace theirs. The whole run's wall and peak are then
+those of the stages, summed and maximised, and say so (``whole`` in the record).
 
 A stage that fails (out of memory, a wall) ends the run; the result records which stage and its error,
 so a failed size is still a measurement. Results go to ``<workdir>/scale-<size>.json``; ``--report``
@@ -67,8 +73,15 @@ def stage_figures(log: str) -> tuple[list[dict[str, Any]], str | None]:
     return done, (unfinished[-1] if unfinished else None)
 
 
-def run_pipeline(size: str, workdir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Generate the data (once) and ``metarec run`` a fresh workspace on it; the run's figures."""
+def git_commit() -> str:
+    proc = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return proc.stdout.strip() or "unknown"
+
+
+def run_pipeline(size: str, workdir: Path, overrides: list[str], resume: bool = False) -> dict[str, Any]:
+    """Generate the data (once) and ``metarec run`` a fresh workspace on it (``resume``: the existing one)."""
     spec = SIZES[size]
     data = workdir / f"data-{size}"
     if not (data / "synthetic.inter").exists():
@@ -76,7 +89,7 @@ def run_pipeline(size: str, workdir: Path, overrides: list[str]) -> dict[str, An
         generate(spec, data)
         print(f"{size}: generated in {time.perf_counter() - start:.0f}s -> {data}", flush=True)
     ws = workdir / f"ws-{size}"
-    if ws.exists():
+    if ws.exists() and not resume:
         raise SystemExit(f"{ws} exists: a scale run starts from an empty workspace (remove it first)")
     cmd = [METAREC, "run", "--workspace", str(ws), "-S", f"data.path={data}", "-S", "data.name=synthetic"]
     for item in overrides:
@@ -106,8 +119,31 @@ def run_pipeline(size: str, workdir: Path, overrides: list[str]) -> dict[str, An
         # Serving needs a champion; the first version can still fail the gate's absolute floors.
         "champion": "promoted to champion" in text,
         "cpus": os.cpu_count(),
+        "commit": git_commit(),
+        "whole": "one metarec run",
     }
     return out
+
+
+def merge_resumed(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """A resumed run's record: its stages, and the earlier record's for the stages DVC skipped."""
+    ran = {s["stage"] for s in now["stages"]}
+    kept = [
+        {**s, "earlier": earlier.get("commit", "an earlier commit")}
+        for s in earlier["stages"]
+        if s["stage"] not in ran
+    ]
+    by_name = {s["stage"]: s for s in [*kept, *now["stages"]]}
+    order = [s["stage"] for s in earlier["stages"]] + [s["stage"] for s in now["stages"]]
+    stages = [by_name[name] for name in dict.fromkeys(order)]
+    peaks = [s["peak_rss_mb"] for s in stages if s["peak_rss_mb"]]
+    return now | {
+        "stages": stages,
+        "wall_seconds": round(sum(s["seconds"] for s in stages), 1),
+        "peak_rss_mb": max(peaks) if peaks else None,
+        "whole": f"stages summed: {len(kept)} kept from {earlier.get('commit', 'an earlier run')}, "
+        f"the rest run at {now['commit']} ({now['wall_seconds']:.0f} s, peak {now['peak_rss_mb']} MB)",
+    }
 
 
 def _error_tail(log: str, lines: int = 6) -> str:
@@ -172,7 +208,9 @@ def measure_serving(ws: Path, requests: int = 50, ready_timeout: float = 900.0) 
 
 def report(workdir: Path, plot: Path, tracking_uri: str | None) -> None:
     """Print the table of every recorded size, draw the growth plot and log it all to MLflow."""
-    results = [json.loads(p.read_text()) for p in sorted(workdir.glob("scale-*.json"))]
+    results = [
+        json.loads(p.read_text()) for p in sorted(workdir.glob("scale-*.json")) if ".earlier" not in p.name
+    ]
     order = {name: i for i, name in enumerate(SIZES)}
     results.sort(key=lambda r: order.get(r["size"], 99))
     if not results:
@@ -197,6 +235,8 @@ def report(workdir: Path, plot: Path, tracking_uri: str | None) -> None:
         cells += [f"{r['wall_seconds']:.0f}", f"{r['peak_rss_mb']:,}" if r["peak_rss_mb"] else "—"]
     print("| whole `metarec run` | " + " | ".join(cells) + " |")
     for r in results:
+        if r.get("whole", "one metarec run") != "one metarec run":
+            print(f"\n{r['size']}: whole = {r['whole']}")
         if r["returncode"]:
             print(f"\n{r['size']}: failed in {r['failed_stage']}:\n{r['error']}")
         elif not r["stages"]:
@@ -272,6 +312,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "scale-runs")
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="a metarec run override")
     parser.add_argument("--no-serve", action="store_true", help="skip the serving measurement")
+    parser.add_argument("--resume", action="store_true", help="continue in the size's existing workspace")
     parser.add_argument("--report", action="store_true", help="table, plot and MLflow runs of recorded sizes")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale-growth.png")
     parser.add_argument("--tracking-uri", default=None)
@@ -282,8 +323,12 @@ def main() -> None:
         return
     if args.size is None:
         parser.error("--size or --report")
-    result = run_pipeline(args.size, args.workdir, args.overrides)
     dest = args.workdir / f"scale-{args.size}.json"
+    result = run_pipeline(args.size, args.workdir, args.overrides, args.resume)
+    if args.resume and dest.exists():
+        earlier = json.loads(dest.read_text(encoding="utf-8"))
+        dest.with_name(f"{dest.stem}.earlier.json").write_text(json.dumps(earlier, indent=2) + "\n")
+        result = merge_resumed(earlier, result)
     dest.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")  # kept if serving fails
     if result["champion"] and not args.no_serve:
         result["serving"] = measure_serving(args.workdir / f"ws-{args.size}")
