@@ -423,6 +423,10 @@ class EvalConfig(_Strict):
     # 2 cores for ml-100k, cached per cold draw): the encode stage's adapter learnt from the cold items'
     # own interactions, which cold figures must not rest on. false: reuse them (faster).
     cold_finetune: bool = True
+    # How long the fusion model's cold refit trains. main: the main fit's best epoch count, with no
+    # per-epoch validation (on the large graph that halves the refit's training: no validation passes,
+    # no stale epochs waiting out the patience). early_stopping: its own early stopping on validation.
+    cold_epochs: Literal["main", "early_stopping"] = "main"
 
     def blocks(self) -> Blocks:
         """Where user blocks are ranked: ``workers`` local threads or the cluster at ``dask_address``."""

@@ -110,8 +110,13 @@ def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame) -> Retuned:
     )
 
 
-def fit_metarec(data: FitData, cfg: Config, log: bool = True) -> tuple[MetarecRecommender, dict[str, Any]]:
-    """Train the fusion model, logging each epoch's loss and validation metrics when ``log``."""
+def fit_metarec(
+    data: FitData, cfg: Config, log: bool = True, epochs: int | None = None
+) -> tuple[MetarecRecommender, dict[str, Any]]:
+    """Train the fusion model, logging each epoch's loss and validation metrics when ``log``.
+
+    ``epochs``: exactly that many, without validation (the cold refit's main-fit epoch count).
+    """
     import mlflow
 
     from components.model.fit import fit
@@ -130,6 +135,7 @@ def fit_metarec(data: FitData, cfg: Config, log: bool = True) -> tuple[MetarecRe
         age_buckets=list(cfg.kg.age_buckets),
         eval_metric=cfg.eval.primary,
         blocks=cfg.eval.blocks(),
+        epochs=epochs,
     )
 
 
@@ -140,12 +146,13 @@ def fit_configured(
     cold_items: np.ndarray | None = None,
     frozen: bool = False,
     log: bool = False,
+    epochs: int | None = None,
 ) -> tuple[Recommender, dict[str, Any]]:
     """Fit the configured model: the fusion model on the workspace's inputs, else a baseline on ``train``.
 
     The one place that dispatches on ``model.name``. ``cold_items`` drops items from the fusion model's
     inputs (a baseline gets a ``train`` without them instead); ``log`` logs per-epoch metrics to the
-    active MLflow run.
+    active MLflow run; ``epochs`` fixes the fusion model's epoch count (no early stopping).
     """
     if cfg.model.name == "metarec":
         data = fit_data(paths, cfg, frozen)
@@ -159,7 +166,7 @@ def fit_configured(
                     profile=retuned.profile_vectors,
                     encode=text_encoder(paths, cfg, retuned.adapter_dir),
                 )
-        return fit_metarec(data, cfg, log=log)
+        return fit_metarec(data, cfg, log=log, epochs=epochs)
     from components import baselines  # torch: imported only by the stages that need it
 
     params = model_params(cfg)
@@ -191,8 +198,25 @@ def evaluate_warm(model: evaluate.Scorer, loaded: Loaded, cfg: Config) -> dict[s
     }
 
 
-def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = False) -> dict[str, Any]:
+def cold_refit_epochs(cfg: Config, main_fit: dict[str, Any]) -> int | None:
+    """The cold refit's epoch count: the main fit's best (``eval.cold_epochs: main``), else None.
+
+    None (early stopping on its own validation) also when the main fit's summary lacks it: a baseline,
+    or a model saved before model.json kept its fit.
+    """
+    best = main_fit.get("best_epoch")
+    if cfg.eval.cold_epochs != "main" or cfg.model.name != "metarec" or not best:
+        return None
+    return int(best)
+
+
+def cold_protocol(
+    paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = False, epochs: int | None = None
+) -> dict[str, Any]:
     """Refit the configured model with a seeded share of items made cold and evaluate it there.
+
+    ``epochs``: the fusion model's refit trains exactly that many (see :func:`cold_refit_epochs`);
+    None: it stops early on its own validation.
 
     Returns the cold-items-only ranking metrics on test (``cold``) and on validation (``cold_valid``,
     empty when no validation user has a cold item), and the warm test metrics of the refitted model
@@ -203,7 +227,9 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
     data = loaded.data
     cold = coldstart.cold_item_split(data.train, data.valid, data.test, cfg.eval.cold_fraction, cfg.seed)
     clock = time.perf_counter()
-    model, fitted = fit_configured(paths, cfg, train=cold.train, cold_items=cold.cold_items, frozen=frozen)
+    model, fitted = fit_configured(
+        paths, cfg, train=cold.train, cold_items=cold.cold_items, frozen=frozen, epochs=epochs
+    )
     # Where the protocol's time goes (the refit includes the encoder's re-tuning and re-encoding).
     seconds = {"refit": time.perf_counter() - clock, "refit_train": float(fitted.get("seconds", 0.0))}
     clock = time.perf_counter()
@@ -245,6 +271,8 @@ def cold_protocol(paths: Paths, cfg: Config, loaded: Loaded, frozen: bool = Fals
         "cold_valid": on_valid,
         "mixed": mixed["overall"],
         "encoder_retuned": retuned,
+        # How long the refit trained and why: a fixed count (the main fit's best) or early stopping.
+        "refit": {k: fitted[k] for k in ("epochs_run", "early_stopping") if k in fitted},
         "seconds": seconds,
     }
 
@@ -266,7 +294,7 @@ def evaluate_variant(paths: Paths, cfg: Config, frozen: bool = False) -> dict[st
     for part, result in evaluate_warm(model, loaded, cfg).items():
         out[part] = result["overall"]
     if cfg.eval.cold_fraction > 0:
-        cold = cold_protocol(paths, cfg, loaded, frozen)
+        cold = cold_protocol(paths, cfg, loaded, frozen, cold_refit_epochs(cfg, summary))
         out["cold"] = cold["cold"]["overall"]
         out["cold_random"] = {k: v for k, v in cold["cold"].items() if k.startswith("random_recall@")}
         out["mixed"] = cold["mixed"]

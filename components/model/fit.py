@@ -19,7 +19,7 @@ from components.data.kg import HeteroGraph
 from components.model.data import assemble, model_paths
 from components.model.features import FeatureBank
 from components.model.loop import EpochLog, TrainConfig, train
-from components.model.recommender import MetarecRecommender
+from components.model.recommender import FIT_KEYS, MetarecRecommender
 from components.text.features import load_embeddings
 
 
@@ -126,10 +126,12 @@ def fit(
     config: dict[str, Any] | None = None,
     age_buckets: list[int] | None = None,
     blocks: Blocks | None = None,
+    epochs: int | None = None,
 ) -> tuple[MetarecRecommender, dict[str, Any]]:
     """Train the fusion model on ``data``; return it (scoring with the whole training part) and a summary.
 
-    ``blocks``: where each epoch's validation ranks its user blocks (in order by default).
+    ``blocks``: where each epoch's validation ranks its user blocks (in order by default); ``epochs``:
+    train exactly that many without validation (see :func:`~components.model.loop.train`).
     """
     paths = model_paths(data.report, data.graph.schema, mcfg.content_paths, mcfg.use_mined_paths)
     inputs = assemble(
@@ -158,7 +160,8 @@ def fit(
             )
         sentences = channel_sentences(inputs.eval_bank, data.graph)
         inputs.channel_text = np.asarray(data.encode(sentences), dtype=np.float32)
-    net, summary = train(inputs, TrainConfig.from_section(mcfg, seed, eval_metric), on_epoch, blocks)
+    net, summary = train(inputs, TrainConfig.from_section(mcfg, seed, eval_metric), on_epoch, blocks, epochs)
     summary["channels"] = inputs.eval_bank.names
-    model = MetarecRecommender(net, inputs.eval_bank, data.profile, data.train_matrix, config)
+    fitted = {k: summary[k] for k in FIT_KEYS}
+    model = MetarecRecommender(net, inputs.eval_bank, data.profile, data.train_matrix, config, fitted)
     return model, summary

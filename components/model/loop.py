@@ -15,6 +15,7 @@ At scale an epoch is a seeded sample of at most ``epoch_users`` users and valida
 sample of ``valid_users``: both cost users × items, and neither cap touches ml-100k (943 users). Early
 stopping counts both stale epochs (``patience``) and the users trained on since the best epoch
 (``patience_users``), whichever runs out first: at 10k users an epoch, 8 stale epochs are 80k users.
+A refit of known length (the cold-item protocol's: the main fit's best epoch count) skips validation.
 """
 
 from __future__ import annotations
@@ -160,11 +161,18 @@ def validation_metrics(
 
 
 def train(
-    inputs: FusionInputs, cfg: TrainConfig, on_epoch: EpochLog | None = None, blocks: Blocks | None = None
+    inputs: FusionInputs,
+    cfg: TrainConfig,
+    on_epoch: EpochLog | None = None,
+    blocks: Blocks | None = None,
+    epochs: int | None = None,
 ) -> tuple[FusionNet, dict]:
     """Fit the scorer; return the best-epoch network and a summary (best epoch, curve, seconds).
 
     ``blocks``: where each epoch's validation ranks its user blocks (in order by default).
+    ``epochs``: train exactly this many epochs and keep the last weights, validating none of them (the
+    cold refit repeats the main fit's best epoch count); the epochs see the same users as they would
+    with validation, which draws from its own generator.
     """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -215,7 +223,11 @@ def train(
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal, silence in logs and CI.
-    bar = tqdm(range(1, cfg.epochs + 1), desc="metarec train", unit="epoch", leave=False, disable=None)
+    fixed = epochs is not None
+    if epochs is not None and not 0 < epochs <= cfg.epochs:
+        raise ValueError(f"epochs must be between 1 and model.metarec.epochs ({cfg.epochs}), got {epochs}")
+    n_epochs = cfg.epochs if epochs is None else epochs
+    bar = tqdm(range(1, n_epochs + 1), desc="metarec train", unit="epoch", leave=False, disable=None)
     for epoch in bar:
         net.train()
         order = rng.permutation(users)[: cfg.epoch_users]
@@ -251,6 +263,12 @@ def train(
             total += loss.item()
             batches += 1
         net.eval()
+        if fixed:
+            curve.append({"loss": total / batches})
+            if on_epoch is not None:
+                on_epoch(epoch, curve[-1])
+            best_epoch = epoch  # the last weights are the ones kept
+            continue
         metrics = validation_metrics(net, inputs, eval_k, judged, blocks)
         row = {"loss": total / batches, **{f"valid.{k}": v for k, v in metrics.items()}}
         curve.append(row)
@@ -270,13 +288,14 @@ def train(
     net.eval()
     summary = {
         "best_epoch": best_epoch,
-        f"best_valid_{key}": best,
+        f"best_valid_{key}": None if fixed else best,
         "epochs_run": len(curve),
+        "early_stopping": not fixed,
         "seconds": time.perf_counter() - start,
         "curve": curve,
         "fit_users": int(len(users)),
         "epoch_users": int(min(len(users), cfg.epoch_users)),
-        "valid_users": int(len(judged)),
+        "valid_users": 0 if fixed else int(len(judged)),
         "fit_targets": int(inputs.targets.nnz),
         "features_cached": cached,
     }

@@ -1,6 +1,7 @@
 """The trained fusion model as a recommender: score, save and load without pickle.
 
-A saved model directory holds ``model.json`` (name, network and training config, channel names),
+A saved model directory holds ``model.json`` (name, network and training config, channel names, how
+the fit went: ``fit``),
 ``weights.safetensors`` (the network, including the item text table), ``features.{json,npz}`` (the
 channel suffixes, see :mod:`components.model.features`) and ``profiles.npz`` (profile embeddings of
 known users). It scores known users from any history and cold users from a profile embedding.
@@ -24,6 +25,8 @@ from components.model.net import FusionNet, NetConfig
 NAME = "metarec"
 WEIGHTS = "weights.safetensors"
 PROFILES = "profiles.npz"
+#: What a saved model keeps of its fit summary: the cold-item refit repeats ``best_epoch``.
+FIT_KEYS = ("best_epoch", "epochs_run", "early_stopping", "fit_users", "epoch_users")
 
 
 class MetarecRecommender:
@@ -38,12 +41,14 @@ class MetarecRecommender:
         profile: np.ndarray,
         train: sp.csr_matrix,
         config: dict[str, Any] | None = None,
+        fit: dict[str, Any] | None = None,
     ) -> None:
         self.net = net.eval()
         self.bank = bank
         self.profile = np.asarray(profile, dtype=np.float32)
         self.train = sp.csr_matrix(train, dtype=np.float32)
         self.config = dict(config or {})
+        self.fit_summary = dict(fit or {})  # empty for models saved before it was kept
 
     def fit(self, train: sp.csr_matrix) -> Self:
         """Not supported: the fusion model is fitted by :func:`components.model.loop.train`."""
@@ -96,6 +101,7 @@ class MetarecRecommender:
                 "net": self.net.cfg.to_dict(),
                 "channels": self.bank.names,
                 "config": self.config,
+                "fit": self.fit_summary,
             },
         )
 
@@ -122,4 +128,4 @@ class MetarecRecommender:
             rows, cols = data["train_rows"], data["train_cols"]
             train = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
             profile = data["profile"]
-        return cls(net, bank, profile, train, meta.get("config"))
+        return cls(net, bank, profile, train, meta.get("config"), meta.get("fit"))

@@ -12,7 +12,7 @@ from components.core.config import Config
 from components.core.storage import write_json
 from components.core.workspace import Paths
 from components.evaluation import protocol as evaluate
-from components.model.facade import cold_protocol, evaluate_warm, load_parts, load_trained
+from components.model.facade import cold_protocol, cold_refit_epochs, evaluate_warm, load_parts, load_trained
 from components.stages.common import tracked_run
 
 
@@ -35,7 +35,8 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
         }
         if cfg.eval.cold_fraction > 0:
             try:
-                cold = cold_protocol(paths, cfg, loaded)
+                main_fit = getattr(model, "fit_summary", {})  # a baseline has none
+                cold = cold_protocol(paths, cfg, loaded, epochs=cold_refit_epochs(cfg, main_fit))
             except ValueError as err:  # e.g. no test user on a cold item in a tiny dataset
                 mlflow.set_tag("metarec.cold.skipped", str(err))
             else:
@@ -44,7 +45,7 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
                 summary["mixed"] = cold["mixed"]
                 summary["cold_valid"] = cold["cold_valid"]
                 # How the cold figure was made: the registry compares cold figures only when alike.
-                summary["cold_protocol"] = {"encoder_retuned": cold["encoder_retuned"]}
+                summary["cold_protocol"] = {"encoder_retuned": cold["encoder_retuned"], **cold["refit"]}
                 mlflow.log_metrics({f"evaluate.seconds.{k}": v for k, v in cold["seconds"].items()})
                 mlflow.log_metrics(
                     {f"cold.{tracking.metric_name(k)}": float(v) for k, v in cold["cold"]["overall"].items()}

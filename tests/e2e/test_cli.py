@@ -106,6 +106,17 @@ def test_recommend_rejects_unknown_user_and_k(trained_workspace: TrainedWorkspac
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_the_cold_refit_trains_the_main_fits_best_epoch_count(metarec_workspace: TrainedWorkspace) -> None:
+    """The saved model keeps how its fit went; the cold protocol's refit repeats its best epoch count
+    without early stopping (``eval.cold_epochs: main``) and metrics.json says so."""
+    metarec_workspace.check()
+    ws = metarec_workspace.path
+    fit = json.loads((ws / "models" / "current" / "model.json").read_text(encoding="utf-8"))["fit"]
+    assert fit["early_stopping"] is True and 1 <= fit["best_epoch"] <= fit["epochs_run"]
+    protocol = json.loads((ws / "metrics.json").read_text(encoding="utf-8"))["cold_protocol"]
+    assert protocol["epochs_run"] == fit["best_epoch"] and protocol["early_stopping"] is False
+
+
 def test_recommend_with_the_fusion_model_is_the_served_engine(
     metarec_workspace: TrainedWorkspace, tmp_path: Path
 ) -> None:

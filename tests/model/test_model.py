@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from components.baselines import ease_matrix
-from components.core.config import MetarecConfig
+from components.core.config import Config, MetarecConfig
 from components.core.parallel import Blocks
 from components.data.kg import INTERACTED, HeteroGraph, Relation, binary_matrix, with_interactions
 from components.evaluation import coldstart
@@ -22,7 +22,7 @@ from components.evaluation.ranking import rank_all
 from components.metapaths.counting import Counter
 from components.metapaths.mining import normalise_rows
 from components.metapaths.schema import Metapath, parse
-from components.model import features
+from components.model import facade, features
 from components.model.data import assemble, model_paths
 from components.model.features import FeatureBank, build_bank
 from components.model.fit import FitData, channel_sentences, fit
@@ -35,7 +35,7 @@ from components.model.loop import (
     validation_users,
 )
 from components.model.net import FusionNet, NetConfig
-from components.model.recommender import MetarecRecommender
+from components.model.recommender import FIT_KEYS, MetarecRecommender
 
 GENRES = ["action", "comedy", "drama", "horror", "romance"]
 OCCUPATIONS = ["artist", "doctor", "engineer", "student", "writer"]
@@ -444,6 +444,41 @@ def test_patience_in_users_ends_a_stalled_fit_first_and_changes_nothing_before()
     assert cut["curve"] == unchecked["curve"][: stale[0] + 1]
 
 
+def test_a_fit_of_fixed_length_is_the_early_stopped_fit_at_that_epoch_without_validation() -> None:
+    """``epochs=n`` trains the same n epochs as an early-stopped fit (validation draws from its own
+    generator), keeps the last weights and validates nothing: the cold refit's main-fit epoch count."""
+    _, inputs = random_inputs(seed=2)  # a fit whose best epoch is neither the first nor the last
+    cfg = replace(SMALL, epochs=12, patience=3)
+    net, summary = train(inputs, cfg)
+    best = summary["best_epoch"]
+    assert summary["early_stopping"] is True and summary["epochs_run"] > best > 1
+    fixed, fixed_summary = train(inputs, cfg, epochs=best)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, fixed.state_dict()[key]), key
+    assert fixed_summary["epochs_run"] == fixed_summary["best_epoch"] == best
+    assert fixed_summary["early_stopping"] is False and fixed_summary["valid_users"] == 0
+    assert [row["loss"] for row in fixed_summary["curve"]] == [row["loss"] for row in summary["curve"][:best]]
+    assert all(set(row) == {"loss"} for row in fixed_summary["curve"])
+    # A shorter fixed fit is a different model: the count is honoured, not rounded to the best.
+    shorter, _ = train(inputs, cfg, epochs=best - 1)
+    assert not torch.equal(shorter.state_dict()["id_item"], net.state_dict()["id_item"])
+    for bad in (0, cfg.epochs + 1):
+        with pytest.raises(ValueError, match="epochs must be between 1 and"):
+            train(inputs, cfg, epochs=bad)
+
+
+def test_the_cold_refit_repeats_the_main_fits_best_epoch_count_when_configured() -> None:
+    """``eval.cold_epochs: main`` takes the main fit's best epoch; otherwise, for a baseline and for a
+    model saved without its fit, the refit stops early on its own."""
+    main = {"best_epoch": 4, "epochs_run": 8, "early_stopping": True}
+    cfg = Config()
+    assert cfg.eval.cold_epochs == "main" and facade.cold_refit_epochs(cfg, main) == 4
+    assert facade.cold_refit_epochs(cfg, {}) is None
+    own = Config.model_validate({"eval": {"cold_epochs": "early_stopping"}})
+    assert facade.cold_refit_epochs(own, main) is None
+    assert facade.cold_refit_epochs(Config.model_validate({"model": {"name": "pop"}}), main) is None
+
+
 def test_epoch_and_validation_caps_sample_users_and_leave_small_data_alone() -> None:
     """Caps at or above the user counts change nothing; below them, each epoch sees a sample and
     early stopping judges one fixed seeded sample of validation users."""
@@ -801,6 +836,9 @@ def test_fit_with_every_option_saves_and_loads(tmp_path: Path) -> None:
     again = MetarecRecommender.load(tmp_path)
     users = np.arange(N_USERS)
     np.testing.assert_allclose(again.score(users), model.score(users), rtol=1e-5, atol=1e-5)
+    # The saved model says how its fit went: the cold refit reads the best epoch back.
+    assert again.fit_summary == model.fit_summary and set(again.fit_summary) == set(FIT_KEYS)
+    assert again.fit_summary["early_stopping"] is True and 1 <= again.fit_summary["best_epoch"] <= 2
     data.encode = None
     with pytest.raises(ValueError, match="needs the text encoder"):
         fit(data, MetarecConfig(**small, gates="language"), "pathsim", 0.5, 0, eval_metric="ndcg@10")
@@ -840,9 +878,7 @@ def test_cold_refit_retunes_the_encoder_on_the_reduced_training_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict, frozen: bool, retunes: bool
 ) -> None:
     """The cold refit hands the retune a training part without the cold items and fits on its vectors."""
-    from components.core.config import Config
     from components.core.workspace import Paths
-    from components.model import facade
     from components.text.retune import Retuned
 
     data = _fit_data()
@@ -857,7 +893,7 @@ def test_cold_refit_retunes_the_encoder_on_the_reduced_training_part(
 
     monkeypatch.setattr(facade, "fit_data", lambda paths, cfg, frozen=False: data)
     monkeypatch.setattr(facade, "retuned_text", retune)
-    monkeypatch.setattr(facade, "fit_metarec", lambda d, cfg, log=True: (fitted.append(d), {}))
+    monkeypatch.setattr(facade, "fit_metarec", lambda d, cfg, log=True, epochs=None: (fitted.append(d), {}))
     cfg = Config.model_validate(overrides)
     facade.fit_configured(Paths(tmp_path), cfg, cold_items=cold_items, frozen=frozen)
     assert len(retuned_with) == int(retunes)
