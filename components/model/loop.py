@@ -120,6 +120,22 @@ def _dense(rows: sp.csr_matrix) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rows.toarray(), dtype=np.float32))
 
 
+def feature_rows(bank: FeatureBank, history: sp.csr_matrix, users: np.ndarray, threads: Blocks) -> np.ndarray:
+    """``bank.rows`` of ``users`` under ``history``, the users split over ``threads`` (same rows, in order).
+
+    Rows are independent per user and their sparse products release the GIL: on the large synthetic
+    graph a batch of 128 users took 1.0 s in one call and 0.5 s as two halves on 2 threads, which is
+    most of an epoch when the features are not cached.
+    """
+    parts = [part for part in np.array_split(users, threads.workers) if len(part)]
+    return np.concatenate(threads.map(_rows_of, (bank, history), parts), axis=0)
+
+
+def _rows_of(shared: tuple[FeatureBank, sp.csr_matrix], users: np.ndarray) -> np.ndarray:
+    bank, history = shared
+    return bank.rows(history[users], users)
+
+
 def score_users(
     net: FusionNet, bank: FeatureBank, history: sp.csr_matrix, profile: np.ndarray, users: np.ndarray
 ) -> np.ndarray:
@@ -212,6 +228,7 @@ def train(
     cache_bytes = n_fit_users * len(inputs.fit_bank.channels) * net_cfg.n_items * 4
     cached = cache_bytes <= cfg.feature_cache_mb * 2**20
     fit_feats = inputs.fit_bank.rows(inputs.history, np.arange(n_fit_users)) if cached else None
+    feature_threads = Blocks(cfg.threads)  # local threads: a batch's features are not worth shipping
     collaborative = torch.from_numpy(inputs.fit_bank.collaborative)
     warm = torch.from_numpy(inputs.warm.astype(np.float32))
     metric_name, _, k_text = cfg.eval_metric.partition("@")
@@ -238,7 +255,7 @@ def train(
             rows = (
                 fit_feats[batch]
                 if fit_feats is not None
-                else inputs.fit_bank.rows(inputs.history[batch], batch)
+                else feature_rows(inputs.fit_bank, inputs.history, batch, feature_threads)
             )
             feats = torch.from_numpy(rows)
             batch_warm = warm

@@ -29,6 +29,7 @@ from components.model.fit import FitData, channel_sentences, fit
 from components.model.loop import (
     FusionInputs,
     TrainConfig,
+    feature_rows,
     temporal_holdout,
     train,
     validation_metrics,
@@ -407,10 +408,12 @@ def test_training_is_deterministic() -> None:
     assert not torch.equal(third.state_dict()["text_item"], a["text_item"])
 
 
-def test_features_per_batch_train_the_same_model() -> None:
-    """Above ``feature_cache_mb`` the fit features are made per batch: the same values, the same fit."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_features_per_batch_train_the_same_model(threads: int) -> None:
+    """Above ``feature_cache_mb`` the fit features are made per batch, split over ``threads``: the same
+    values, the same fit."""
     _, inputs = random_inputs(seed=5)
-    cfg = replace(SMALL, epochs=3)
+    cfg = replace(SMALL, epochs=3, threads=threads)
     cached, cached_summary = train(inputs, cfg)
     streamed, streamed_summary = train(inputs, replace(cfg, feature_cache_mb=0))
     assert streamed_summary["features_cached"] is False and cached_summary["features_cached"] is True
@@ -418,6 +421,10 @@ def test_features_per_batch_train_the_same_model() -> None:
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [r["loss"] for r in streamed_summary["curve"]] == [r["loss"] for r in cached_summary["curve"]]
+    batch = np.array([7, 3, 11, 0, 5])  # unsorted, as an epoch's permutation gives them
+    whole = inputs.fit_bank.rows(inputs.history[batch], batch)
+    split = feature_rows(inputs.fit_bank, inputs.history, batch, Blocks(threads))
+    np.testing.assert_array_equal(split, whole)
 
 
 def test_patience_in_users_ends_a_stalled_fit_first_and_changes_nothing_before() -> None:
