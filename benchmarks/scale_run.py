@@ -126,24 +126,41 @@ def run_pipeline(size: str, workdir: Path, overrides: list[str], resume: bool = 
 
 
 def merge_resumed(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
-    """A resumed run's record: its stages, and the earlier record's for the stages DVC skipped."""
+    """A resumed run's record: its stages, and the earlier record's for the stages DVC skipped.
+
+    A kept stage names the commit that measured it (an earlier resume's own mark wins); the earlier
+    serving figures are kept, marked, until this run makes a champion and serves it.
+    """
     ran = {s["stage"] for s in now["stages"]}
     kept = [
-        {**s, "earlier": earlier.get("commit", "an earlier commit")}
+        {**s, "earlier": s.get("earlier") or earlier.get("commit", "an earlier commit")}
         for s in earlier["stages"]
         if s["stage"] not in ran
     ]
+    origins = sorted({s["earlier"] for s in kept})
     by_name = {s["stage"]: s for s in [*kept, *now["stages"]]}
     order = [s["stage"] for s in earlier["stages"]] + [s["stage"] for s in now["stages"]]
     stages = [by_name[name] for name in dict.fromkeys(order)]
     peaks = [s["peak_rss_mb"] for s in stages if s["peak_rss_mb"]]
-    return now | {
-        "stages": stages,
-        "wall_seconds": round(sum(s["seconds"] for s in stages), 1),
-        "peak_rss_mb": max(peaks) if peaks else None,
-        "whole": f"stages summed: {len(kept)} kept from {earlier.get('commit', 'an earlier run')}, "
-        f"the rest run at {now['commit']} ({now['wall_seconds']:.0f} s, peak {now['peak_rss_mb']} MB)",
-    }
+    carried = {}
+    if "serving" in earlier and "serving" not in now:
+        carried = {
+            "serving": {
+                **earlier["serving"],
+                "earlier": earlier["serving"].get("earlier", earlier.get("commit")),
+            }
+        }
+    return (
+        now
+        | carried
+        | {
+            "stages": stages,
+            "wall_seconds": round(sum(s["seconds"] for s in stages), 1),
+            "peak_rss_mb": max(peaks) if peaks else None,
+            "whole": f"stages summed: {len(kept)} kept from {', '.join(origins) or 'no earlier run'}, "
+            f"the rest run at {now['commit']} ({now['wall_seconds']:.0f} s, peak {now['peak_rss_mb']} MB)",
+        }
+    )
 
 
 def _error_tail(log: str, lines: int = 6) -> str:
@@ -232,7 +249,7 @@ def report(workdir: Path, plot: Path, tracking_uri: str | None) -> None:
         print(f"| {stage} | " + " | ".join(cells) + " |")
     cells = []
     for r in results:
-        cells += [f"{r['wall_seconds']:.0f}", f"{r['peak_rss_mb']:,}" if r["peak_rss_mb"] else "—"]
+        cells += [f"{r['wall_seconds']:.0f}", f"{r['peak_rss_mb']:,.0f}" if r["peak_rss_mb"] else "—"]
     print("| whole `metarec run` | " + " | ".join(cells) + " |")
     for r in results:
         if r.get("whole", "one metarec run") != "one metarec run":
