@@ -326,46 +326,57 @@ def write_skip(directory: Path, model_name: str) -> None:
 class EncoderParts:
     """What the encoder export needs from the workspace: the torch encoder and the item texts."""
 
-    encoder: Any  # components.text.encoder.Encoder, adapter merged
+    encoder: Any  # components.text.encoder.Encoder, adapter merged, fp32
     texts: list[str]
-    reference: np.ndarray  # torch fp32 embeddings of ``texts`` (from the encode stage's cache)
+    reference: np.ndarray  # the encode stage's embeddings of ``texts`` (what the model was trained on)
     finetuned: bool
+    precision: str = "fp32"  # the reference's (text.precision when the encode stage ran)
+
+    def fp32_reference(self, rows: np.ndarray) -> np.ndarray:
+        """Torch fp32 embeddings of the texts at ``rows``: the reference itself unless it is bf16."""
+        if self.precision == "fp32":
+            return self.reference[rows]
+        return np.asarray(self.encoder.encode([self.texts[int(k)] for k in rows]))
 
 
 def load_encoder_parts(paths: Paths, cfg: Config) -> EncoderParts:
-    """Rebuild the encode stage's encoder (with its adapter) and its item texts and embeddings.
+    """Rebuild the encode stage's encoder (with its adapter, in fp32) and its item texts and embeddings.
 
-    The texts are verbalised exactly as the encode stage did; their torch embeddings come from the
-    embedding cache that stage filled (computed afresh on a miss).
+    The texts are verbalised exactly as the encode stage did; the embeddings are that stage's output.
     """
     from components.data import ingest, kg
     from components.text import features
-    from components.text.encoder import EmbeddingCache, Encoder, resolve_model
+    from components.text.encoder import Encoder, precision_fingerprint, resolve_model
+    from components.text.verbalise import item_texts
 
     text = cfg.text
     meta = read_json(paths.text / "items" / "meta.json")
     adapter = paths.text / "finetune" / "adapter" if meta.get("finetuned") else None
+    # fp32 whatever text.precision says: the ONNX graph is exported from fp32 weights, and the int8
+    # encoder's parity is judged against them.
     encoder = Encoder(resolve_model(text.model), text.max_length, text.batch_size, text.threads, adapter)
-    if meta.get("fingerprint") and meta["fingerprint"] != encoder.fingerprint:
+    encoded_by = precision_fingerprint(encoder.fingerprint, meta.get("precision", "fp32"))
+    if meta.get("fingerprint") and meta["fingerprint"] != encoded_by:
         raise ParityError(
             f"the encoder rebuilt from text.model={text.model!r}"
             f"{' and ' + str(adapter) if adapter else ''} has fingerprint {encoder.fingerprint[:12]}…, but "
             f"{paths.text} was encoded by {meta['fingerprint'][:12]}…; rerun the encode stage"
         )
     _, _, items, _ = ingest.read_processed(paths.processed)
-    graph = kg.load_graph(paths.graph)
-    cache = EmbeddingCache.for_workspace(paths.root, text.cache_dir)
-    texts, reference = features.encode_items(
-        encoder,
+    texts = item_texts(
         items,
-        graph,
+        kg.load_graph(paths.graph),
         text.item_template,
         text.max_facts,
-        cache,
         max_titles=text.max_titles,
         max_shared=text.max_shared,
     )
-    return EncoderParts(encoder, texts, reference, adapter is not None)
+    # The int8 encoder is judged against the vectors the model was trained on (the encode stage's, at
+    # text.precision): re-encoding 20k items in fp32 here took minutes the check does not need.
+    ids, reference, _ = features.load_embeddings(paths.text / "items")
+    if ids != list(items.item_id.astype(str)):
+        raise ParityError(f"{paths.text / 'items'} is not aligned with the processed items; rerun encode")
+    return EncoderParts(encoder, texts, reference, adapter is not None, meta.get("precision", "fp32"))
 
 
 def _copy_tables(paths: Paths, dest: Path, item_text: np.ndarray) -> None:
@@ -456,7 +467,8 @@ def model_card(
         f"- scorer fp32 ONNX vs torch, max-abs difference: {parity['max_abs_diff_scorer']:.3g} "
         f"(tolerance {cfg.export.max_abs_diff:g})",
         f"- encoder fp32 ONNX vs torch, max-abs difference: {parity['max_abs_diff_encoder']:.3g}",
-        f"- int8 vs fp32 embeddings, mean cosine over {parity['cosine_texts']} item texts: "
+        f"- int8 vs the {parity.get('reference_precision', 'fp32')} embeddings the model was trained on, "
+        f"mean cosine over {parity['cosine_texts']} item texts: "
         f"{parity['int8_mean_cosine']:.4f} (minimum {cfg.export.min_int8_cosine:g})",
         f"- test {parity['ndcg_metric']}: torch {parity['ndcg_torch']:.4f}, ONNX {parity['ndcg_onnx']:.4f}, "
         f"relative difference {parity['ndcg_rel_diff']:.2e} (maximum {cfg.export.max_ndcg_rel_diff:g})",
@@ -583,7 +595,7 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
     )
     max_abs_encoder = check_max_abs(
         "encoder embeddings",
-        parts.reference[picked],
+        parts.fp32_reference(picked),
         fp32_enc.encode([parts.texts[int(k)] for k in picked]),
         ex.max_abs_diff,
     )
@@ -608,6 +620,7 @@ def export_bundle(paths: Paths, cfg: Config, dest: Path, work_dir: Path) -> dict
             "ndcg_torch": ndcg_torch,
             "ndcg_onnx": ndcg_onnx,
             "cosine_texts": len(parts.texts),
+            "reference_precision": parts.precision,
         },
         "latency": {
             "scorer_p99_ms": latency["p99_ms"],

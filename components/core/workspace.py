@@ -49,6 +49,10 @@ class Paths:
         return self.root / "data" / "text"
 
     @property
+    def retune(self) -> Path:
+        return self.root / "data" / "retune"
+
+    @property
     def model(self) -> Path:
         return self.root / "models" / "current"
 

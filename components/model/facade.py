@@ -21,6 +21,7 @@ from components.evaluation import protocol as evaluate
 
 if TYPE_CHECKING:  # torch: these load only when a model is fitted
     from components.baselines import Recommender
+    from components.evaluation.coldstart import ColdSplit
     from components.model.fit import FitData
     from components.model.recommender import MetarecRecommender
     from components.text.retune import Retuned
@@ -76,29 +77,40 @@ def fit_data(paths: Paths, cfg: Config, frozen: bool = False) -> FitData:
 
 def text_encoder(paths: Paths, cfg: Config, adapter: Path | None) -> Callable[[list[str]], np.ndarray]:
     """Embed texts with the workspace's encoder (``adapter``: fine-tuned), loaded on first use, cached."""
-    from components.text.encoder import EmbeddingCache, Encoder, encode_cached, resolve_model
+    from components.text.encoder import EmbeddingCache, Encoder, encode_cached
 
     text = cfg.text
     loaded: list[Encoder] = []
 
     def encode(texts: list[str]) -> np.ndarray:
         if not loaded:
-            ref = resolve_model(text.model)
-            loaded.append(Encoder(ref, text.max_length, text.batch_size, text.threads, adapter_dir=adapter))
+            loaded.append(Encoder.configured(text, adapter_dir=adapter))
         return encode_cached(loaded[0], texts, EmbeddingCache.for_workspace(paths.root, text.cache_dir))[0]
 
     return encode
 
 
-def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame) -> Retuned:
-    """Embeddings from the encoder fine-tuned on ``train`` alone (see :mod:`components.text.retune`)."""
+def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame, stage_output: bool = True) -> Retuned:
+    """Embeddings from the encoder fine-tuned on ``train`` alone (see :mod:`components.text.retune`).
+
+    The ``retune`` stage's output when it was made for the same request (``stage_output``), else
+    fine-tuned here (its adapter and embeddings cached in the workspace).
+    """
     from components.data import ingest, kg
+    from components.text import retune
     from components.text.encoder import EmbeddingCache, resolve_model
-    from components.text.retune import retuned_embeddings
 
     _, users, items, _ = ingest.read_processed(paths.processed)
-    return retuned_embeddings(
-        resolve_model(cfg.text.model),
+    ref = resolve_model(cfg.text.model)
+    if stage_output:
+        key = retune.request_key(ref, cfg.text, cfg.seed, train)
+        saved = retune.load(
+            paths.retune, key, list(items.item_id.astype(str)), list(users.user_id.astype(str))
+        )
+        if saved is not None:
+            return saved
+    return retune.retuned_embeddings(
+        ref,
         train,
         users,
         items,
@@ -156,17 +168,22 @@ def fit_configured(
     """
     if cfg.model.name == "metarec":
         data = fit_data(paths, cfg, frozen)
+        source = ""
         if cold_items is not None:
             data = data.without_items(cold_items)
             if cold_retunes(cfg, frozen):
                 retuned = retuned_text(paths, cfg, data.train)
+                source = retuned.source
                 data = replace(
                     data,
                     item_text=retuned.item_vectors,
                     profile=retuned.profile_vectors,
                     encode=text_encoder(paths, cfg, retuned.adapter_dir),
                 )
-        return fit_metarec(data, cfg, log=log, epochs=epochs)
+        model, summary = fit_metarec(data, cfg, log=log, epochs=epochs)
+        if source:
+            summary["encoder_source"] = source
+        return model, summary
     from components import baselines  # torch: imported only by the stages that need it
 
     params = model_params(cfg)
@@ -225,7 +242,7 @@ def cold_protocol(
     from components.evaluation import coldstart
 
     data = loaded.data
-    cold = coldstart.cold_item_split(data.train, data.valid, data.test, cfg.eval.cold_fraction, cfg.seed)
+    cold = cold_split(cfg, loaded)
     clock = time.perf_counter()
     model, fitted = fit_configured(
         paths, cfg, train=cold.train, cold_items=cold.cold_items, frozen=frozen, epochs=epochs
@@ -271,10 +288,20 @@ def cold_protocol(
         "cold_valid": on_valid,
         "mixed": mixed["overall"],
         "encoder_retuned": retuned,
+        # Where the retuned encoder came from: the retune stage, the adapter cache, or fine-tuned here.
+        "encoder_source": fitted.get("encoder_source", ""),
         # How long the refit trained and why: a fixed count (the main fit's best) or early stopping.
         "refit": {k: fitted[k] for k in ("epochs_run", "early_stopping") if k in fitted},
         "seconds": seconds,
     }
+
+
+def cold_split(cfg: Config, loaded: Loaded) -> ColdSplit:
+    """The cold-item protocol's seeded split of the workspace's data (``eval.cold_fraction``, ``seed``)."""
+    from components.evaluation import coldstart
+
+    data = loaded.data
+    return coldstart.cold_item_split(data.train, data.valid, data.test, cfg.eval.cold_fraction, cfg.seed)
 
 
 def cold_retunes(cfg: Config, frozen: bool = False) -> bool:

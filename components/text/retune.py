@@ -9,12 +9,17 @@ protocol fine-tunes again on pairs built from the reduced part, with the stage's
 Adapters are cached under ``<cache>/<key>/adapter`` with ``key`` a hash of the base model, the
 fine-tuning config, the seed and the pairs' fingerprint: every variant of an ablation that shares a
 cold draw reuses one fine-tune, and a changed input never reuses a stale one.
+
+The pipeline's ``retune`` stage runs this once per cold draw and saves the result (:func:`save`) under
+``data/retune``; the evaluate stage takes it from there when its :func:`request_key` matches (fine-tuning
+and re-encoding 20k items are minutes of their own at scale, not evaluation).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from components.core.config import TextConfig
-from components.core.storage import atomic_dir
+from components.core.storage import atomic_dir, read_json, write_json
 from components.data.kg import HeteroGraph
 from components.text import features, pairs
 from components.text.encoder import EmbeddingCache, Encoder, ModelRef
@@ -31,6 +36,7 @@ from components.text.verbalise import item_texts
 
 #: Part of every cache key: bump it when the fine-tuning objective changes, so old adapters are not reused.
 KEY_VERSION = 1
+RETUNE_JSON = "retune.json"
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class Retuned:
     adapter_dir: Path
     n_pairs: int
     cached: bool  # the adapter came from the cache (no fine-tuning ran)
+    source: str = "fine-tuned"  # or "adapter cache", or "retune stage" (data/retune, nothing recomputed)
 
 
 def training_pairs(
@@ -109,10 +116,54 @@ def retuned_embeddings(
     if not cached:
         with atomic_dir(home) as tmp:
             finetune(ref, pair_set, cfg, tmp, threads=text.threads)
-    encoder = Encoder(ref, text.max_length, text.batch_size, text.threads, adapter_dir=home / ADAPTER)
+    encoder = Encoder.configured(text, ref, adapter_dir=home / ADAPTER)
     item_vectors = features.encode_texts(encoder, texts, cache)
     # Profiles without watched titles, as the encode stage saves them.
     _, profile_vectors = features.encode_users(
         encoder, users, train.iloc[:0], items, text.n_recent, text.user_template, cache
     )
-    return Retuned(item_vectors, profile_vectors, home / ADAPTER, len(pair_set), cached)
+    source = "adapter cache" if cached else "fine-tuned"
+    return Retuned(item_vectors, profile_vectors, home / ADAPTER, len(pair_set), cached, source)
+
+
+def request_key(ref: ModelRef, text: TextConfig, seed: int, train: pd.DataFrame) -> str:
+    """What a retune's result depends on, cheap to compute (no pairs): model, text config, seed, data."""
+    rows = pd.util.hash_pandas_object(train, index=False).to_numpy()
+    blob = json.dumps(
+        {
+            "version": KEY_VERSION,
+            "base": ref.fingerprint,
+            "text": text.model_dump(mode="json"),
+            "seed": int(seed),
+            "train": hashlib.sha256(rows.tobytes()).hexdigest(),
+            "columns": list(map(str, train.columns)),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+
+
+def save(dest: Path, retuned: Retuned, key: str, item_ids: list[str], user_ids: list[str]) -> None:
+    """Write a retune's adapter, item and profile embeddings and ``retune.json`` (``key``) to ``dest``."""
+    shutil.copytree(retuned.adapter_dir, Path(dest) / ADAPTER)
+    meta = {"adapter": ADAPTER, "dim": int(retuned.item_vectors.shape[1])}
+    features.save_embeddings(Path(dest) / "items", item_ids, retuned.item_vectors, meta)
+    features.save_embeddings(Path(dest) / "profiles", user_ids, retuned.profile_vectors, meta)
+    write_json(Path(dest) / RETUNE_JSON, {"retuned": True, "key": key, "n_pairs": retuned.n_pairs})
+
+
+def load(src: Path, key: str, item_ids: list[str], user_ids: list[str]) -> Retuned | None:
+    """The retune saved in ``src`` if it was made for ``key`` (and these items and users), else None."""
+    manifest = Path(src) / RETUNE_JSON
+    if not manifest.is_file():
+        return None
+    info = read_json(manifest)
+    if not info.get("retuned") or info.get("key") != key:
+        return None
+    items, item_vectors, _ = features.load_embeddings(Path(src) / "items")
+    users, profile_vectors, _ = features.load_embeddings(Path(src) / "profiles")
+    if items != item_ids or users != user_ids:
+        return None
+    return Retuned(
+        item_vectors, profile_vectors, Path(src) / ADAPTER, int(info["n_pairs"]), True, "retune stage"
+    )

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -191,3 +192,50 @@ def test_run_rejects_an_override_without_equals(tmp_path: Path) -> None:
     assert code == 1
     assert "badkey" in output
     assert "key=value" in output
+
+
+def test_evaluate_takes_the_cold_encoder_from_the_retune_stage(metarec_workspace: TrainedWorkspace) -> None:
+    """The retune stage's adapter and embeddings are what evaluate's cold refit used; another training
+    part is another request, which the stage's output does not answer."""
+    from components.core.workspace import Paths, workspace_config
+    from components.data import kg, split
+    from components.model import facade
+    from components.model.fit import drop_items
+    from components.text import retune
+    from components.text.encoder import Encoder, resolve_model
+    from components.text.verbalise import item_texts
+
+    metarec_workspace.check()
+    ws = metarec_workspace.path
+    paths, cfg = Paths(ws), workspace_config(ws)
+    info = json.loads((paths.retune / retune.RETUNE_JSON).read_text(encoding="utf-8"))
+    assert info["retuned"] is True and info["n_pairs"] > 0
+    assert json.loads((ws / "evaluation.json").read_text(encoding="utf-8"))["cold"]["encoder_source"] == (
+        "retune stage"
+    )
+    loaded = facade.load_parts(paths)
+    cold = facade.cold_split(cfg, loaded)
+    train = drop_items(split.load_split(paths.split).train, cold.cold_items, len(loaded.items))
+    got = facade.retuned_text(paths, cfg, train)
+    assert got.source == "retune stage" and got.adapter_dir == paths.retune / "adapter"
+    text = cfg.text
+    texts = item_texts(
+        loaded.items,
+        kg.load_graph(paths.graph),
+        text.item_template,
+        text.max_facts,
+        max_titles=text.max_titles,
+        max_shared=text.max_shared,
+    )
+    encoder = Encoder.configured(text, adapter_dir=got.adapter_dir)
+    np.testing.assert_allclose(encoder.encode(texts[:4]), got.item_vectors[:4], atol=1e-5)
+    ids = (list(loaded.items.item_id.astype(str)), list(loaded.users.user_id.astype(str)))
+    other = retune.request_key(resolve_model(text.model), text, cfg.seed, train.iloc[1:])
+    assert other != retune.request_key(resolve_model(text.model), text, cfg.seed, train)
+    assert retune.load(paths.retune, other, *ids) is None
+    assert (
+        retune.load(
+            paths.retune, retune.request_key(resolve_model(text.model), text, cfg.seed + 1, train), *ids
+        )
+        is None
+    )

@@ -174,7 +174,8 @@ def test_noop_rerun_skips_everything(ws: Workspace, noop_run: dict[str, Any]) ->
 def test_model_change_reruns_train_evaluate_and_export(
     ws: Workspace, model_change_run: dict[str, Any]
 ) -> None:
-    assert ran(model_change_run) == {"train", "evaluate", "export"}
+    # retune too: whether the cold protocol needs a retuned encoder depends on the model.
+    assert ran(model_change_run) == {"train", "retune", "evaluate", "export"}
     assert model_change_run["metrics"]["model"] == "itemknn"
     model = json.loads((ws.path / "models/current/model.json").read_text(encoding="utf-8"))
     assert "itemknn" in json.dumps(model).lower()
@@ -182,7 +183,7 @@ def test_model_change_reruns_train_evaluate_and_export(
 
 
 def test_split_change_reruns_split_and_downstream(ws: Workspace, split_change_run: dict[str, Any]) -> None:
-    assert ran(split_change_run) == {"split", "mine", "encode", "train", "evaluate", "export"}
+    assert ran(split_change_run) == {"split", "mine", "encode", "train", "retune", "evaluate", "export"}
     stats = json.loads((ws.path / "data/split/stats.json").read_text(encoding="utf-8"))
     assert stats["train"]["interactions"] == 12  # 2 of 5 per user
     assert "up to date" in pipeline.stage_status(ws.path)

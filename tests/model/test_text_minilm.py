@@ -31,3 +31,24 @@ def test_minilm_embeds_similar_films_closer(monkeypatch: pytest.MonkeyPatch) -> 
     cosine = vectors @ vectors.T
     assert cosine[0, 1] > cosine[0, 2]
     assert resolve_model("all-MiniLM-L6-v2").fingerprint == ref.fingerprint
+
+
+def test_bf16_encoder_is_another_encoder_close_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``text.precision: bf16`` keeps the embeddings within rounding of fp32 (unit rows, cosine above
+    0.999) under a fingerprint of its own, so the embedding cache never hands one precision's vectors
+    to the other; an unknown precision is refused."""
+    from components.core.config import TextConfig
+    from components.text.encoder import precision_fingerprint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    texts = [TOY_STORY, ALADDIN, SCHINDLER]
+    fp32 = Encoder.configured(TextConfig(max_length=64, batch_size=2))
+    bf16 = Encoder.configured(TextConfig(max_length=64, batch_size=2, precision="bf16"))
+    a, b = fp32.encode(texts), bf16.encode(texts)
+    assert b.dtype == np.float32 and not np.array_equal(a, b)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(a * b, axis=1)) > 0.999
+    assert fp32.fingerprint == fp32.ref.fingerprint and bf16.fingerprint != fp32.fingerprint
+    assert bf16.fingerprint == precision_fingerprint(fp32.fingerprint, "bf16")
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        Encoder(fp32.ref, precision="fp16")
