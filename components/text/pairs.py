@@ -9,7 +9,9 @@ and target the first held-out item.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, overload
 
 import numpy as np
 import pandas as pd
@@ -29,11 +31,11 @@ class PairSet:
         seen: Per pair, items already in the history; excluded when ranking (they are not "next").
     """
 
-    queries: list[str]
+    queries: Sequence[str]
     targets: np.ndarray
     candidates: list[str]
     users: np.ndarray
-    seen: list[np.ndarray]
+    seen: Sequence[np.ndarray]
 
     def __post_init__(self) -> None:
         n = len(self.queries)
@@ -53,10 +55,16 @@ class PairSet:
         return [self.candidates[int(self.targets[k])] for k in index]
 
     def fingerprint(self) -> str:
-        """sha256 over queries, targets and candidates: a checkpoint resumes only on the same pairs."""
+        """sha256 over queries, targets and candidates: a checkpoint resumes only on the same pairs.
+
+        Queries made on demand (:class:`HistoryQueries`) enter through what makes them, not their text.
+        """
         digest = hashlib.sha256()
-        for text in self.queries:
-            digest.update(text.encode("utf-8") + b"\0")
+        if isinstance(self.queries, HistoryQueries):
+            digest.update(b"history-queries\0" + self.queries.digest().encode("ascii"))
+        else:
+            for text in self.queries:
+                digest.update(text.encode("utf-8") + b"\0")
         digest.update(np.ascontiguousarray(self.targets, dtype=np.int64).tobytes())
         for text in self.candidates:
             digest.update(text.encode("utf-8") + b"\0")
@@ -71,6 +79,77 @@ class PairSet:
             self.users[index],
             [self.seen[int(k)] for k in index],
         )
+
+
+class HistoryQueries(Sequence[str]):
+    """The queries of next-item pairs, each verbalised when read.
+
+    Fine-tuning reads a few hundred of the pairs (``steps x batch_size``); at 100k users there are over
+    a million, and writing every query took 36 s of the large graph's retune. ``spans[k]`` is pair k's
+    ``(user, t)``: the user's first ``t`` training items are its history.
+    """
+
+    def __init__(
+        self,
+        spans: np.ndarray,
+        sequences: Mapping[int, list[int]],
+        rows: Mapping[int, Mapping[str, Any]],
+        titles: Mapping[int, str],
+        n_recent: int,
+        template: str,
+    ) -> None:
+        self.spans = spans
+        self.sequences = sequences
+        self.rows = rows
+        self.titles = titles
+        self.n_recent = n_recent
+        self.template = template
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        user, t = (int(v) for v in self.spans[index])
+        return user_text(self.rows[user], self.sequences[user][:t], self.titles, self.n_recent, self.template)
+
+    def digest(self) -> str:
+        """sha256 of everything the queries are made from (equal digests: equal queries)."""
+        digest = hashlib.sha256()
+        digest.update(f"{self.n_recent}\0{self.template}\0".encode())
+        digest.update(np.ascontiguousarray(self.spans, dtype=np.int64).tobytes())
+        for user in dict.fromkeys(int(u) for u in self.spans[:, 0]):
+            digest.update(np.asarray(self.sequences[user], dtype=np.int64).tobytes() + b"\0")
+            digest.update(repr(sorted(self.rows[user].items())).encode("utf-8") + b"\0")
+        for index in sorted(self.titles):
+            digest.update(f"{index}\0{self.titles[index]}\0".encode())
+        return digest.hexdigest()
+
+
+class HistorySeen(Sequence[np.ndarray]):
+    """Per pair, the items already in its history (made when read, like :class:`HistoryQueries`)."""
+
+    def __init__(self, spans: np.ndarray, sequences: Mapping[int, list[int]]) -> None:
+        self.spans = spans
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[np.ndarray]: ...
+    def __getitem__(self, index: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        user, t = (int(v) for v in self.spans[index])
+        return np.asarray(self.sequences[user][:t], dtype=np.int64)
 
 
 def _check_candidates(items: pd.DataFrame, item_texts: list[str]) -> None:
@@ -104,7 +183,8 @@ def next_item_pairs(
         max_per_user: Keep only each user's latest this many pairs, so heavy users do not dominate.
 
     Returns:
-        Pairs ordered by user, then time.
+        Pairs ordered by user, then time; their queries and seen lists are made when read
+        (:class:`HistoryQueries`), the first one at once so a template error surfaces here.
     """
     if min_history < 1:
         raise ValueError(f"min_history must be >= 1, got {min_history}")
@@ -113,25 +193,25 @@ def next_item_pairs(
     _check_candidates(items, item_texts)
     titles = item_titles(items)
     rows = {int(r["user"]): r for r in users.to_dict("records")}
-    queries: list[str] = []
+    sequences = histories(train)
+    spans: list[tuple[int, int]] = []
     targets: list[int] = []
-    owners: list[int] = []
-    seen: list[np.ndarray] = []
-    for user, sequence in histories(train).items():
+    for user, sequence in sequences.items():
         positions = range(min_history, len(sequence))
         if max_per_user is not None:
             positions = positions[-max_per_user:]
-        for t in positions:
-            queries.append(user_text(rows[user], sequence[:t], titles, n_recent, template))
-            targets.append(sequence[t])
-            owners.append(user)
-            seen.append(np.asarray(sequence[:t], dtype=np.int64))
+        spans.extend((user, t) for t in positions)
+        targets.extend(sequence[t] for t in positions)
+    span_array = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    queries = HistoryQueries(span_array, sequences, rows, titles, n_recent, template)
+    if len(queries):
+        queries[0]  # noqa: B018 - verbalise one now: a bad template fails here, not mid-fine-tune
     return PairSet(
         queries,
         np.asarray(targets, dtype=np.int64),
         list(item_texts),
-        np.asarray(owners, dtype=np.int64),
-        seen,
+        span_array[:, 0].copy(),
+        HistorySeen(span_array, sequences),
     )
 
 

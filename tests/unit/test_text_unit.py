@@ -189,6 +189,30 @@ def test_next_item_and_holdout_pairs(tiny: tuple[HeteroGraph, ingest.Dataset]) -
     assert held.targets[0] == 3 and held.seen[0].tolist() == [0, 1, 2]  # u1's next is i4
     assert held.fingerprint() != pairs.fingerprint()
 
+    # Queries are verbalised when read: each is the user's text over the history before its target.
+    titles = verbalise.item_titles(data.items)
+    rows = {int(r["user"]): r for r in data.users.to_dict("records")}
+    sequences = verbalise.histories(train)
+    spans = [(u, t) for u, seq in sequences.items() for t in range(1, len(seq))]
+    assert list(pairs.queries) == [
+        verbalise.user_text(rows[u], sequences[u][:t], titles, 2, verbalise.DEFAULT_USER_TEMPLATE)
+        for u, t in spans
+    ]
+    assert [s.tolist() for s in pairs.seen] == [sequences[u][:t] for u, t in spans]
+    assert pairs.queries[-2:] == [pairs.queries[len(pairs) - 2], pairs.queries[len(pairs) - 1]]
+    assert pairs.subset(np.array([5, 1])).queries == [pairs.queries[5], pairs.queries[1]]
+    # The fingerprint follows what the queries are made from, without writing them all.
+    again = next_item_pairs(train, data.users, data.items, texts, n_recent=2)
+    assert again.fingerprint() == pairs.fingerprint()
+    assert (
+        next_item_pairs(train, data.users, data.items, texts, n_recent=3).fingerprint() != pairs.fingerprint()
+    )
+    assert next_item_pairs(train.iloc[1:], data.users, data.items, texts, n_recent=2).fingerprint() != (
+        pairs.fingerprint()
+    )
+    with pytest.raises(ValueError, match="unknown field"):
+        next_item_pairs(train, data.users, data.items, texts, template="{nope}")
+
 
 # ---------------------------------------------------------------- encoder
 
