@@ -140,6 +140,14 @@ class _Checks:
         self.add(passed, f"{name} {value:.4f} {'>=' if at_least else '<='} {bound:g} (absolute)")
 
 
+def decimals(a: float, b: float, least: int = 4) -> int:
+    """Decimals that tell ``a`` from ``b`` (at least ``least``; ``least`` when they are equal)."""
+    for d in range(least, 18):
+        if f"{a:.{d}f}" != f"{b:.{d}f}":
+            return d
+    return least
+
+
 def evaluate_gate(
     challenger: Candidate,
     champion: Candidate | None,
@@ -262,10 +270,14 @@ def _versus(
     else:
         need = old * (1 + cfg.margin)
         passed = new > old if cfg.margin == 0 else new >= need
+        d = decimals(new, need)  # "0.2251 > 0.2251" would read like a bug when the fourth digit ties
         relation = (
-            f"> {old:.4f}" if cfg.margin == 0 else f">= {need:.4f} (champion {old:.4f} +{cfg.margin:.1%})"
+            f"> {old:.{d}f}"
+            if cfg.margin == 0
+            else f">= {need:.{d}f} (champion {old:.{d}f} +{cfg.margin:.1%})"
         )
-        checks.add(passed, f"{cfg.primary} {new:.4f} {relation} of champion v{champion}")
+        tie = " (an exact tie does not beat it)" if new == need else ""
+        checks.add(passed, f"{cfg.primary} {new:.{d}f} {relation} of champion v{champion}{tie}")
 
     # Cold metric: may not drop more than max_cold_drop.
     new, old = metric(mine, cfg.cold_metric), metric(theirs, cfg.cold_metric)

@@ -200,6 +200,17 @@ def test_gate_accepts_a_better_challenger() -> None:
     assert decision.compared["champion"] == "1"
 
 
+def test_gate_message_shows_the_digits_that_decide() -> None:
+    """A primary equal to four decimals prints the digits that differ; an exact tie says it loses."""
+    champion = cand("1", ndcg=0.22510324, cold=0.30)
+    close = evaluate_gate(cand("2", ndcg=0.22510001, cold=0.30), champion, CFG)
+    assert close.failures == ["FAIL: warm.ndcg@10 0.225100 > 0.225103 of champion v1"]
+    tie = evaluate_gate(cand("2", ndcg=0.22510324, cold=0.30), champion, CFG)
+    assert tie.failures == [
+        "FAIL: warm.ndcg@10 0.2251 > 0.2251 of champion v1 (an exact tie does not beat it)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("challenger", "failing"),
     [
