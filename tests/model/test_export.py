@@ -27,6 +27,7 @@ from components.bundle.export import (
     check_max_abs,
     check_relative,
     check_scorer_parity,
+    cosine_rows,
     export_encoder,
     export_scorer,
     mean_cosine,
@@ -333,6 +334,15 @@ def test_int8_cosine_check() -> None:
         ParityError, match=r"int8 encoder: mean cosine to fp32 embeddings -1\.0000 < minimum 0\.99"
     ):
         check_cosine(ref, -ref, 0.99)
+
+
+def test_int8_cosine_rows_are_all_texts_up_to_the_cap_then_a_seeded_sample() -> None:
+    assert cosine_rows(1682, 4096, 42).tolist() == list(range(1682))  # ml-100k: every item text
+    sample = cosine_rows(20_000, 4096, 42)
+    assert sample.size == 4096 and np.unique(sample).size == 4096 and np.all(np.diff(sample) > 0)
+    assert sample[0] >= 0 and sample[-1] < 20_000
+    assert np.array_equal(sample, cosine_rows(20_000, 4096, 42))
+    assert not np.array_equal(sample, cosine_rows(20_000, 4096, 43))
 
 
 def test_skip_marker(tmp_path: Path) -> None:
