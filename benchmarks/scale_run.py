@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from components.core.processes import TreePeak, free_port, terminate_group, tree_rss  # noqa: E402
 from components.data.synthetic import SIZES, generate  # noqa: E402
+from components.stages import STAGES  # noqa: E402
 
 METAREC = str(Path(sys.executable).with_name("metarec"))
 # The training flow's line per stage (flows/training.py): "stage mine: ran in 12.3s, peak RSS 1,234 MB".
@@ -139,8 +140,9 @@ def merge_resumed(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any
     ]
     origins = sorted({s["earlier"] for s in kept})
     by_name = {s["stage"]: s for s in [*kept, *now["stages"]]}
-    order = [s["stage"] for s in earlier["stages"]] + [s["stage"] for s in now["stages"]]
-    stages = [by_name[name] for name in dict.fromkeys(order)]
+    # In pipeline order: a stage new to this run (retune) goes where the DAG runs it, not last.
+    rank = {name: i for i, name in enumerate(STAGES)}
+    stages = sorted(by_name.values(), key=lambda s: rank.get(s["stage"], len(rank)))
     peaks = [s["peak_rss_mb"] for s in stages if s["peak_rss_mb"]]
     carried = {}
     if "serving" in earlier and "serving" not in now:
