@@ -97,6 +97,7 @@ SHARED_GROUP = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the markers into groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group tests for ``--dist loadgroup``: whole modules (module fixtures are built once), and the
     modules using a fixture of :data:`SHARED_FIXTURES` together."""
