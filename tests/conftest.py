@@ -69,6 +69,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     global _SESSION_HOME
     os.environ.update(QUIET_ENV)
+    # pytest-xdist registers this marker only in processes where it is active (not in its workers).
+    config.addinivalue_line("markers", "xdist_group(name): tests that share one pytest-xdist worker")
     if config.option.collectonly or os.environ.get("METAREC_TEST_PREFECT_API_URL"):
         os.environ["PREFECT_API_URL"] = os.environ.get("METAREC_TEST_PREFECT_API_URL", "")
         return
@@ -101,8 +103,6 @@ SHARED_GROUP = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group tests for ``--dist loadgroup``: whole modules (module fixtures are built once), and the
     modules using a fixture of :data:`SHARED_FIXTURES` together."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
     used: dict[str, set[str]] = {}
     for item in items:
         module = item.nodeid.split("::", 1)[0]
