@@ -69,8 +69,6 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     global _SESSION_HOME
     os.environ.update(QUIET_ENV)
-    # pytest-xdist registers this marker only in processes where it is active (not in its workers).
-    config.addinivalue_line("markers", "xdist_group(name): tests that share one pytest-xdist worker")
     if config.option.collectonly or os.environ.get("METAREC_TEST_PREFECT_API_URL"):
         os.environ["PREFECT_API_URL"] = os.environ.get("METAREC_TEST_PREFECT_API_URL", "")
         return
@@ -99,10 +97,15 @@ SHARED_GROUP = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the markers into groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group tests for ``--dist loadgroup``: whole modules (module fixtures are built once), and the
-    modules using a fixture of :data:`SHARED_FIXTURES` together."""
+    modules using a fixture of :data:`SHARED_FIXTURES` together.
+
+    The group is written into the node id as pytest-xdist's own hook does (``nodeid@group``): a
+    marker added here came too late for that hook in its workers (measured: the groups were ignored).
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
     used: dict[str, set[str]] = {}
     for item in items:
         module = item.nodeid.split("::", 1)[0]
@@ -110,7 +113,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         module = item.nodeid.split("::", 1)[0]
         shared = [name for name in SHARED_FIXTURES if name in used[module]]
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUP[shared[0]] if shared else module))
+        if "@" not in item.nodeid.rpartition("::")[2]:
+            item._nodeid = f"{item.nodeid}@{SHARED_GROUP[shared[0]] if shared else module}"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
