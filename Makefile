@@ -6,9 +6,6 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WS     ?= workspace
-# pytest processes for `make test`. The suite waits on servers and subprocesses much of the time (under
-# one core busy on average when serial), so two workers on 2 cores roughly halve its wall time.
-TEST_WORKERS ?= 2
 
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -56,7 +53,7 @@ replay: install
 		-S text.finetune.enabled=false -S model.metarec.epochs=15
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-all: install
 	$(BIN)/python -m pytest

@@ -72,12 +72,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.collectonly or os.environ.get("METAREC_TEST_PREFECT_API_URL"):
         os.environ["PREFECT_API_URL"] = os.environ.get("METAREC_TEST_PREFECT_API_URL", "")
         return
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        return  # the pytest-xdist controller runs no test: each worker starts its own server
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if worker.startswith("gw") and "METAREC_PREFECT_PORT" not in os.environ:
-        # Workers starting at once would both find the default port free and race for it.
-        os.environ["METAREC_PREFECT_PORT"] = str(4210 + int(worker[2:]))
     from components.core.orchestration import ensure_api
 
     _SESSION_HOME = Path(tempfile.mkdtemp(prefix="metarec-test-prefect-"))
@@ -85,36 +79,6 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("PREFECT_API_URL", None)
     os.environ.pop("PREFECT_PROFILE", None)
     ensure_api(progress=lambda line: print(line, file=sys.stderr))
-
-
-# Session fixtures a pytest-xdist worker would otherwise build a second time (a trained workspace is
-# one to two minutes), in order of cost: a module using one runs on that fixture's worker.
-SHARED_FIXTURES = ("metarec_workspace", "trained_workspace", "postgres_server")
-SHARED_GROUP = {
-    "metarec_workspace": "workspaces",
-    "trained_workspace": "workspaces",
-    "postgres_server": "postgres",
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group tests for ``--dist loadgroup``: whole modules (module fixtures are built once), and the
-    modules using a fixture of :data:`SHARED_FIXTURES` together.
-
-    The group is written into the node id as pytest-xdist's own hook does (``nodeid@group``): a
-    marker added here came too late for that hook in its workers (measured: the groups were ignored).
-    """
-    if not getattr(config.option, "loadgroup", False):
-        return
-    used: dict[str, set[str]] = {}
-    for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        used.setdefault(module, set()).update(getattr(item, "fixturenames", ()))
-    for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        shared = [name for name in SHARED_FIXTURES if name in used[module]]
-        if "@" not in item.nodeid.rpartition("::")[2]:
-            item._nodeid = f"{item.nodeid}@{SHARED_GROUP[shared[0]] if shared else module}"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
