@@ -94,7 +94,8 @@ def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame, stage_output: b
     """Embeddings from the encoder fine-tuned on ``train`` alone (see :mod:`components.text.retune`).
 
     The ``retune`` stage's output when it was made for the same request (``stage_output``), else
-    fine-tuned here (its adapter and embeddings cached in the workspace).
+    fine-tuned here (its adapter and embeddings cached in the workspace). Either way the result
+    carries the request's key.
     """
     from components.data import ingest, kg
     from components.text import retune
@@ -102,14 +103,14 @@ def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame, stage_output: b
 
     _, users, items, _ = ingest.read_processed(paths.processed)
     ref = resolve_model(cfg.text.model)
+    key = retune.request_key(ref, cfg.text, cfg.seed, train)
     if stage_output:
-        key = retune.request_key(ref, cfg.text, cfg.seed, train)
         saved = retune.load(
             paths.retune, key, list(items.item_id.astype(str)), list(users.user_id.astype(str))
         )
         if saved is not None:
             return saved
-    return retune.retuned_embeddings(
+    made = retune.retuned_embeddings(
         ref,
         train,
         users,
@@ -120,6 +121,7 @@ def retuned_text(paths: Paths, cfg: Config, train: pd.DataFrame, stage_output: b
         paths.root / ".cache" / "retuned-adapters",
         EmbeddingCache.for_workspace(paths.root, cfg.text.cache_dir),
     )
+    return replace(made, key=key)
 
 
 def fit_metarec(

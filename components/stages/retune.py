@@ -42,7 +42,6 @@ def run(paths: Paths, cfg: Config) -> None:
         from components.model.facade import cold_split, load_parts, retuned_text
         from components.model.fit import drop_items
         from components.text import retune
-        from components.text.encoder import resolve_model
 
         reason = skip_reason(cfg)
         with atomic_dir(paths.retune) as tmp:
@@ -55,13 +54,8 @@ def run(paths: Paths, cfg: Config) -> None:
             cold = cold_split(cfg, loaded)
             train = drop_items(split.load_split(paths.split).train, cold.cold_items, len(loaded.items))
             result = retuned_text(paths, cfg, train, stage_output=False)
-            key = retune.request_key(resolve_model(cfg.text.model), cfg.text, cfg.seed, train)
             retune.save(
-                tmp,
-                result,
-                key,
-                list(loaded.items.item_id.astype(str)),
-                list(loaded.users.user_id.astype(str)),
+                tmp, result, list(loaded.items.item_id.astype(str)), list(loaded.users.user_id.astype(str))
             )
             mlflow.log_metrics(
                 {
@@ -71,4 +65,3 @@ def run(paths: Paths, cfg: Config) -> None:
                     "retune.seconds": time.perf_counter() - start,
                 }
             )
-            mlflow.set_tag("metarec.text.precision", cfg.text.precision)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import pandas as pd
 
 from components.text.verbalise import DEFAULT_USER_TEMPLATE, histories, item_titles, user_text
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,36 @@ class PairSet:
         )
 
 
-class HistoryQueries(Sequence[str]):
+class _BySpan(Sequence[T]):
+    """One value per pair, made when read from the pair's ``(user, t)`` span (the user's first ``t``
+    training items are its history): what :class:`HistoryQueries` and :class:`HistorySeen` share."""
+
+    def __init__(self, spans: np.ndarray, sequences: Mapping[int, list[int]]) -> None:
+        self.spans = spans
+        self.sequences = sequences
+
+    def _at(self, user: int, history: list[int]) -> T:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        user, t = (int(v) for v in self.spans[index])
+        return self._at(user, self.sequences[user][:t])
+
+
+class HistoryQueries(_BySpan[str]):
     """The queries of next-item pairs, each verbalised when read.
 
     Fine-tuning reads a few hundred of the pairs (``steps x batch_size``); at 100k users there are over
-    a million, and writing every query took 36 s of the large graph's retune. ``spans[k]`` is pair k's
-    ``(user, t)``: the user's first ``t`` training items are its history.
+    a million, and writing every query took 36 s of the large graph's retune.
     """
 
     def __init__(
@@ -98,25 +124,14 @@ class HistoryQueries(Sequence[str]):
         n_recent: int,
         template: str,
     ) -> None:
-        self.spans = spans
-        self.sequences = sequences
+        super().__init__(spans, sequences)
         self.rows = rows
         self.titles = titles
         self.n_recent = n_recent
         self.template = template
 
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-    def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return [self[k] for k in range(*index.indices(len(self)))]
-        user, t = (int(v) for v in self.spans[index])
-        return user_text(self.rows[user], self.sequences[user][:t], self.titles, self.n_recent, self.template)
+    def _at(self, user: int, history: list[int]) -> str:
+        return user_text(self.rows[user], history, self.titles, self.n_recent, self.template)
 
     def digest(self) -> str:
         """sha256 of everything the queries are made from (equal digests: equal queries)."""
@@ -131,25 +146,11 @@ class HistoryQueries(Sequence[str]):
         return digest.hexdigest()
 
 
-class HistorySeen(Sequence[np.ndarray]):
+class HistorySeen(_BySpan[np.ndarray]):
     """Per pair, the items already in its history (made when read, like :class:`HistoryQueries`)."""
 
-    def __init__(self, spans: np.ndarray, sequences: Mapping[int, list[int]]) -> None:
-        self.spans = spans
-        self.sequences = sequences
-
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    @overload
-    def __getitem__(self, index: int) -> np.ndarray: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[np.ndarray]: ...
-    def __getitem__(self, index: int | slice) -> np.ndarray | list[np.ndarray]:
-        if isinstance(index, slice):
-            return [self[k] for k in range(*index.indices(len(self)))]
-        user, t = (int(v) for v in self.spans[index])
-        return np.asarray(self.sequences[user][:t], dtype=np.int64)
+    def _at(self, user: int, history: list[int]) -> np.ndarray:
+        return np.asarray(history, dtype=np.int64)
 
 
 def _check_candidates(items: pd.DataFrame, item_texts: list[str]) -> None:

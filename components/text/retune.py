@@ -47,8 +47,13 @@ class Retuned:
     profile_vectors: np.ndarray
     adapter_dir: Path
     n_pairs: int
-    cached: bool  # the adapter came from the cache (no fine-tuning ran)
     source: str = "fine-tuned"  # or "adapter cache", or "retune stage" (data/retune, nothing recomputed)
+    key: str = ""  # the request it answers (:func:`request_key`), when the caller computed it
+
+    @property
+    def cached(self) -> bool:
+        """The adapter came from a cache or the retune stage: no fine-tuning ran."""
+        return self.source != "fine-tuned"
 
 
 def training_pairs(
@@ -123,7 +128,7 @@ def retuned_embeddings(
         encoder, users, train.iloc[:0], items, text.n_recent, text.user_template, cache
     )
     source = "adapter cache" if cached else "fine-tuned"
-    return Retuned(item_vectors, profile_vectors, home / ADAPTER, len(pair_set), cached, source)
+    return Retuned(item_vectors, profile_vectors, home / ADAPTER, len(pair_set), source)
 
 
 def request_key(ref: ModelRef, text: TextConfig, seed: int, train: pd.DataFrame) -> str:
@@ -143,13 +148,15 @@ def request_key(ref: ModelRef, text: TextConfig, seed: int, train: pd.DataFrame)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
-def save(dest: Path, retuned: Retuned, key: str, item_ids: list[str], user_ids: list[str]) -> None:
-    """Write a retune's adapter, item and profile embeddings and ``retune.json`` (``key``) to ``dest``."""
+def save(dest: Path, retuned: Retuned, item_ids: list[str], user_ids: list[str]) -> None:
+    """Write a retune's adapter, item and profile embeddings and ``retune.json`` (its key) to ``dest``."""
+    if not retuned.key:
+        raise ValueError("a retune is saved with the key of the request it answers")
     shutil.copytree(retuned.adapter_dir, Path(dest) / ADAPTER)
     meta = {"adapter": ADAPTER, "dim": int(retuned.item_vectors.shape[1])}
     features.save_embeddings(Path(dest) / "items", item_ids, retuned.item_vectors, meta)
     features.save_embeddings(Path(dest) / "profiles", user_ids, retuned.profile_vectors, meta)
-    write_json(Path(dest) / RETUNE_JSON, {"retuned": True, "key": key, "n_pairs": retuned.n_pairs})
+    write_json(Path(dest) / RETUNE_JSON, {"retuned": True, "key": retuned.key, "n_pairs": retuned.n_pairs})
 
 
 def load(src: Path, key: str, item_ids: list[str], user_ids: list[str]) -> Retuned | None:
@@ -165,5 +172,5 @@ def load(src: Path, key: str, item_ids: list[str], user_ids: list[str]) -> Retun
     if items != item_ids or users != user_ids:
         return None
     return Retuned(
-        item_vectors, profile_vectors, Path(src) / ADAPTER, int(info["n_pairs"]), True, "retune stage"
+        item_vectors, profile_vectors, Path(src) / ADAPTER, int(info["n_pairs"]), "retune stage", key
     )

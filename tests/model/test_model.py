@@ -896,7 +896,7 @@ def test_cold_refit_retunes_the_encoder_on_the_reduced_training_part(
 
     def retune(paths: Paths, cfg: Config, train: pd.DataFrame) -> Retuned:
         retuned_with.append(train)
-        return Retuned(new_text, data.profile, tmp_path / "adapter", len(train), False)
+        return Retuned(new_text, data.profile, tmp_path / "adapter", len(train), "fine-tuned")
 
     monkeypatch.setattr(facade, "fit_data", lambda paths, cfg, frozen=False: data)
     monkeypatch.setattr(facade, "retuned_text", retune)
